@@ -1,5 +1,6 @@
 """eqx_curv: curvature matrices as lineax operators, and second-order optimizers."""
 
+from ._linalg.cg import CG as CG
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
 
 

@@ -1,0 +1,323 @@
+"""eqx_curv.CG: dense oracles, options, result codes, transformations, and float32 at scale."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import eqx_curv
+
+
+PSD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+
+
+def _spd(key, n, cond, dtype):
+    """A dense SPD matrix with eigenvalues log-spaced in [1, cond]."""
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float64))
+    eig = jnp.logspace(0, np.log10(cond), n)
+    return ((q * eig) @ q.T).astype(dtype)
+
+
+def _solve(matrix, b, solver, **kwargs):
+    op = lx.MatrixLinearOperator(matrix, PSD)
+    return lx.linear_solve(op, b, solver, throw=False, **kwargs)
+
+
+def _rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("n", [5, 40])
+def test_dense_spd_matches_dense_solve(getkey, dtype, n):
+    cond = 100.0
+    eps = float(jnp.finfo(dtype).eps)
+    rtol = 100 * eps
+    a = _spd(getkey(), n, cond, dtype)
+    b = jax.random.normal(getkey(), (n,), dtype)
+    sol = _solve(a, b, eqx_curv.CG(rtol=rtol, atol=0.0, max_steps=10 * n))
+    assert sol.result == lx.RESULTS.successful
+    assert sol.value.dtype == dtype
+    expected = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    # ||r|| <= rtol ||b|| bounds the relative error by cond * rtol; the residual itself
+    # is evaluated in `dtype`, adding about n * eps * cond.
+    assert _rel(sol.value, expected) <= cond * (rtol + n * eps)
+    # The reported residual is the true one, and meets the criterion.
+    r = np.asarray(b, np.float64) - np.asarray(a, np.float64) @ np.asarray(sol.value)
+    assert sol.stats["residual_norm"] <= rtol * jnp.linalg.norm(b)
+    np.testing.assert_allclose(
+        sol.stats["residual_norm"], np.linalg.norm(r), rtol=0.5, atol=n * eps
+    )
+
+
+def test_pytree_operator(getkey):
+    n1, n2 = (3,), (2, 4)
+    size = 3 + 8
+    a = _spd(getkey(), size, 50.0, jnp.float64)
+    structure = {
+        "u": jax.ShapeDtypeStruct(n1, jnp.float64),
+        "w": jax.ShapeDtypeStruct(n2, jnp.float64),
+    }
+
+    def mv(v):
+        flat = jnp.concatenate([v["u"], v["w"].reshape(-1)])
+        out = a @ flat
+        return {"u": out[:3], "w": out[3:].reshape(n2)}
+
+    op = lx.FunctionLinearOperator(mv, structure, PSD)
+    b = {"u": jnp.arange(1.0, 4.0), "w": jnp.ones(n2)}
+    sol = lx.linear_solve(op, b, eqx_curv.CG(rtol=1e-12, atol=0.0))
+    flat = np.linalg.solve(a, np.concatenate([np.arange(1.0, 4.0), np.ones(8)]))
+    np.testing.assert_allclose(sol.value["u"], flat[:3], rtol=1e-9)
+    np.testing.assert_allclose(sol.value["w"].reshape(-1), flat[3:], rtol=1e-9)
+
+
+def test_jacobi_preconditioner_needs_fewer_steps(getkey):
+    n = 60
+    c = _spd(getkey(), n, 10.0, jnp.float64)
+    # Badly scaled rows and columns: D C D with D spread over six decades. Jacobi
+    # undoes the scaling up to C's own conditioning.
+    scale = jnp.logspace(-3, 3, n)
+    a = scale[:, None] * c * scale[None, :]
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    solver = eqx_curv.CG(rtol=1e-10, atol=0.0, max_steps=100 * n)
+    plain = _solve(a, b, solver)
+    jacobi = lx.DiagonalLinearOperator(1 / jnp.diag(a))
+    pre = _solve(a, b, solver, options={"preconditioner": jacobi})
+    assert pre.result == lx.RESULTS.successful
+    expected = np.linalg.solve(a, b)
+    assert _rel(pre.value, expected) <= 1e-10 * jnp.linalg.cond(a)
+    assert pre.stats["num_steps"] < plain.stats["num_steps"] // 3
+    # A tagged dense preconditioner is accepted too and gives the same steps.
+    dense = lx.MatrixLinearOperator(jnp.diag(1 / jnp.diag(a)), PSD)
+    pre2 = _solve(a, b, solver, options={"preconditioner": dense})
+    assert pre2.stats["num_steps"] == pre.stats["num_steps"]
+
+
+def test_y0_at_the_solution_takes_no_steps(getkey):
+    n = 20
+    a = _spd(getkey(), n, 10.0, jnp.float64)
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    x = jnp.linalg.solve(a, b)
+    solver = eqx_curv.CG(rtol=1e-8, atol=0.0)
+    sol = _solve(a, b, solver, options={"y0": x})
+    assert sol.result == lx.RESULTS.successful
+    assert sol.stats["num_steps"] == 0
+    np.testing.assert_array_equal(sol.value, x)
+    # A zero right-hand side is solved by zero, also in no steps.
+    zero = _solve(a, jnp.zeros(n), solver)
+    assert zero.stats["num_steps"] == 0 and not jnp.any(zero.value)
+
+
+def test_max_steps_reached_is_reported(getkey):
+    n = 30
+    a = _spd(getkey(), n, 1e3, jnp.float64)
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    solver = eqx_curv.CG(rtol=1e-12, atol=0.0, max_steps=3)
+    sol = _solve(a, b, solver)
+    assert sol.result == lx.RESULTS.max_steps_reached
+    assert sol.stats["num_steps"] == 3
+    assert jnp.isfinite(sol.value).all()
+    # The last iterate is returned: CG decreases the A-norm of the error, and the
+    # reported residual is that iterate's.
+    x = np.linalg.solve(a, b)
+    err = x - sol.value
+    assert err @ a @ err < x @ a @ x
+    np.testing.assert_allclose(
+        sol.stats["residual_norm"], np.linalg.norm(b - a @ sol.value), rtol=1e-8
+    )
+    with pytest.raises(eqx.EquinoxRuntimeError, match="maximum number of solver steps"):
+        lx.linear_solve(lx.MatrixLinearOperator(a, PSD), b, solver)
+
+
+@pytest.mark.parametrize("second", [-3.0, -1.0, jnp.nan])
+def test_breakdown_on_indefinite_or_nonfinite_curvature(second):
+    # Wrongly tagged PSD: the curvature along b = (1, 1) is 1 + second <= 0 (or NaN).
+    a = jnp.diag(jnp.array([1.0, second, 2.0]))
+    b = jnp.array([1.0, 1.0, 0.0])
+    sol = _solve(a, b, eqx_curv.CG(rtol=1e-8, atol=0.0, max_steps=50))
+    assert sol.result == lx.RESULTS.breakdown
+    assert sol.stats["num_steps"] == 1
+    np.testing.assert_array_equal(sol.value, jnp.zeros(3))
+
+
+def test_breakdown_on_indefinite_preconditioner(getkey):
+    a = _spd(getkey(), 4, 10.0, jnp.float64)
+    b = jnp.array([1.0, 1.0, 1.0, 1.0])
+    bad = lx.DiagonalLinearOperator(jnp.array([1.0, -1.0, -1.0, -1.0]))
+    sol = _solve(
+        a, b, eqx_curv.CG(rtol=1e-8, atol=0.0), options={"preconditioner": bad}
+    )
+    assert sol.result == lx.RESULTS.breakdown
+
+
+def test_nonfinite_input_is_reported(getkey):
+    a = _spd(getkey(), 4, 10.0, jnp.float64)
+    b = jnp.array([1.0, jnp.nan, 0.0, 1.0])
+    sol = _solve(a, b, eqx_curv.CG(rtol=1e-8, atol=0.0))
+    assert sol.result == lx.RESULTS.nonfinite_input
+    assert sol.stats["num_steps"] == 0
+    y0 = jnp.array([jnp.inf, 0.0, 0.0, 0.0])
+    sol = _solve(a, jnp.ones(4), eqx_curv.CG(rtol=1e-8, atol=0.0), options={"y0": y0})
+    assert sol.result == lx.RESULTS.nonfinite_input
+
+
+def test_jit_and_vmap_over_right_hand_sides(getkey):
+    n = 12
+    a = _spd(getkey(), n, 100.0, jnp.float64)
+    bs = jax.random.normal(getkey(), (4, n), jnp.float64)
+    bs = bs.at[1].set(0.0)  # one system already solved: 0 steps, others keep going
+    solver = eqx_curv.CG(rtol=1e-10, atol=0.0)
+
+    @jax.jit
+    @jax.vmap
+    def solve(b):
+        sol = lx.linear_solve(lx.MatrixLinearOperator(a, PSD), b, solver)
+        return sol.value, sol.stats["num_steps"]
+
+    values, steps = solve(bs)
+    np.testing.assert_allclose(values, np.linalg.solve(a, bs.T).T, rtol=1e-7, atol=0)
+    steps = np.asarray(steps)
+    assert steps[1] == 0 and (steps[[0, 2, 3]] > 0).all()
+
+
+def test_vmap_over_operators(getkey):
+    n = 8
+    mats = jnp.stack([_spd(getkey(), n, c, jnp.float64) for c in (2.0, 50.0, 1e3)])
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+
+    @jax.vmap
+    def solve(a):
+        op = lx.MatrixLinearOperator(a, PSD)
+        return lx.linear_solve(op, b, eqx_curv.CG(rtol=1e-11, atol=0.0)).value
+
+    expected = np.stack([np.linalg.solve(m, b) for m in mats])
+    np.testing.assert_allclose(solve(mats), expected, rtol=1e-6)
+
+
+def test_grad_through_linear_solve_matches_finite_differences(getkey):
+    n = 6
+    base = jax.random.normal(getkey(), (n, n), jnp.float64)
+    w = jax.random.normal(getkey(), (n,), jnp.float64)
+    solver = eqx_curv.CG(rtol=1e-13, atol=0.0)
+
+    def f(theta, b):
+        m = base + theta
+        a = m @ m.T + jnp.eye(n)
+        x = lx.linear_solve(lx.MatrixLinearOperator(a, PSD), b, solver).value
+        return jnp.dot(w, x)
+
+    theta = 0.1 * jax.random.normal(getkey(), (n, n), jnp.float64)
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    g_theta, g_b = jax.grad(f, argnums=(0, 1))(theta, b)
+    dt = jax.random.normal(getkey(), (n, n), jnp.float64)
+    db = jax.random.normal(getkey(), (n,), jnp.float64)
+    h = 1e-6
+    fd = (f(theta + h * dt, b + h * db) - f(theta - h * dt, b - h * db)) / (2 * h)
+    ad = jnp.vdot(g_theta, dt) + jnp.vdot(g_b, db)
+    # Central differences: O(h^2) truncation plus eps / h rounding.
+    np.testing.assert_allclose(ad, fd, rtol=1e-7, atol=1e-7)
+    # The gradient with respect to b is A^{-1} w (A is symmetric).
+    m = base + theta
+    np.testing.assert_allclose(
+        g_b, np.linalg.solve(m @ m.T + np.eye(n), w), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_bad_input_raises_sentences(getkey):
+    a = _spd(getkey(), 3, 10.0, jnp.float64)
+    b = jnp.ones(3)
+    op = lx.MatrixLinearOperator(a, PSD)
+    cg = eqx_curv.CG(rtol=1e-8, atol=0.0)
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        lx.linear_solve(lx.MatrixLinearOperator(a), b, cg)
+    with pytest.raises(ValueError, match="`y0`.*structure"):
+        lx.linear_solve(op, b, cg, options={"y0": jnp.ones(4)})
+    with pytest.raises(ValueError, match="`y0`"):
+        lx.linear_solve(op, b, cg, options={"y0": jnp.ones(3, jnp.float32)})
+    with pytest.raises(TypeError, match="`preconditioner`.*AbstractLinearOperator"):
+        lx.linear_solve(op, b, cg, options={"preconditioner": jnp.ones(3)})
+    with pytest.raises(ValueError, match="`preconditioner`.*structure"):
+        pre = lx.DiagonalLinearOperator(jnp.ones(4))
+        lx.linear_solve(op, b, cg, options={"preconditioner": pre})
+    with pytest.raises(ValueError, match="`preconditioner`.*positive definite"):
+        lx.linear_solve(
+            op, b, cg, options={"preconditioner": lx.MatrixLinearOperator(a)}
+        )
+    with pytest.raises(ValueError, match="unknown options"):
+        lx.linear_solve(op, b, cg, options={"precondtioner": op})
+    with pytest.raises(ValueError, match="`rtol`"):
+        eqx_curv.CG(rtol=-1.0, atol=0.0)
+    with pytest.raises(ValueError, match="`max_steps`"):
+        eqx_curv.CG(rtol=1e-3, atol=0.0, max_steps=-2)
+    with pytest.raises(ValueError, match="set a tolerance or `max_steps`"):
+        eqx_curv.CG(rtol=0.0, atol=0.0)
+
+
+# The issue's headline test: a float32 system with 10^6 unknowns shaped like a damped
+# mean-loss GGN. `d` is a diagonal whose entries spread over eight decades, mostly tiny
+# (like the many nearly-flat directions of a network); `w diag(s) w^T` is a rank-8 part
+# with eigenvalues between 1e-2 and 5 (the few directions the batch constrains);
+# `damping` is the Levenberg-Marquardt term. Condition number about 5e3.
+_N = 1_000_000
+_DAMPING = 1e-3
+
+
+def _ggn_like(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    d = 10.0 ** jax.random.uniform(k1, (_N,), jnp.float32, -9.0, -1.0)
+    w = jax.random.normal(k2, (_N, 8), jnp.float32) / float(np.sqrt(_N))
+    s = jnp.logspace(-2, np.log10(5.0), 8, dtype=jnp.float32)
+    b = jax.random.normal(k3, (_N,), jnp.float32)
+    return d, w, s, b
+
+
+def _ggn_mv(d, w, s, v):
+    return (d + _DAMPING) * v + w @ (s * (w.T @ v))
+
+
+@eqx.filter_jit
+def _solve_ggn_like(solver, d, w, s, b):
+    op = lx.FunctionLinearOperator(
+        lambda v: _ggn_mv(d, w, s, v), jax.ShapeDtypeStruct((_N,), jnp.float32), PSD
+    )
+    sol = lx.linear_solve(op, b, solver, throw=False)
+    return sol.value, sol.result, sol.stats
+
+
+def test_float32_million_unknowns_ggn_like_converges_where_lineax_fails():
+    d, w, s, b = _ggn_like(jax.random.key(0))
+    bnorm = float(jnp.linalg.norm(b.astype(jnp.float64)))
+    # lineax.CG only steps when p^T A p / p^T p > 100 * n * eps (about 12 here); the
+    # operator's Rayleigh quotient along b is far below that.
+    eps = float(jnp.finfo(jnp.float32).eps)
+    rayleigh = float(jnp.vdot(b, _ggn_mv(d, w, s, b)) / jnp.vdot(b, b))
+    assert rayleigh < 100 * _N * eps
+
+    theirs, their_result, _ = _solve_ggn_like(
+        lx.CG(rtol=1e-4, atol=0.0, max_steps=500), d, w, s, b
+    )
+    assert their_result != lx.RESULTS.successful
+    assert not jnp.isfinite(theirs).all()
+
+    # rtol = 1e-4: this operator's own float32 product is only accurate to a few 1e-5
+    # relative to ||b|| at the solution (see below), so tighter is out of reach.
+    rtol = 1e-4
+    ours, our_result, stats = _solve_ggn_like(
+        eqx_curv.CG(rtol=rtol, atol=0.0, max_steps=1000), d, w, s, b
+    )
+    assert our_result == lx.RESULTS.successful
+    assert ours.dtype == jnp.float32 and jnp.isfinite(ours).all()
+    assert 0 < stats["num_steps"] < 1000
+    assert stats["residual_norm"] <= rtol * jnp.linalg.norm(b)
+    # The float64 residual of the float32 solution: within the tolerance, up to the
+    # rounding error of the float32 product at that point (triangle inequality).
+    d64, w64, s64, y64 = (x.astype(jnp.float64) for x in (d, w, s, ours))
+    exact_product = _ggn_mv(d64, w64, s64, y64)
+    rounding = float(jnp.linalg.norm(_ggn_mv(d, w, s, ours) - exact_product))
+    residual64 = float(jnp.linalg.norm(b.astype(jnp.float64) - exact_product))
+    assert rounding < rtol * bnorm
+    assert residual64 <= rtol * bnorm + rounding
