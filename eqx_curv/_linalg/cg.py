@@ -265,15 +265,18 @@ class CG(lx.AbstractLinearSolver[_CGState]):
             # `jax.vmap` instead of evaluating both sides.
             periodic = (eqxi.unvmap_max(step_new) % self.recompute_every) == 0
             claimed = eqxi.unvmap_any(ok & (rnorm_cheap <= tol))
-            r_new = lax.cond(
-                periodic | claimed,
-                lambda: _sub(vector, operator.mv(y_new)),
-                lambda: r_cheap,
+
+            def true_residual():
+                r_true = _sub(vector, operator.mv(y_new))
+                return r_true, norm(r_true)
+
+            r_new, rnorm_new = lax.cond(
+                periodic | claimed, true_residual, lambda: (r_cheap, rnorm_cheap)
             )
-            rnorm_new = norm(r_new)
             converged = ok & (rnorm_new <= tol)
             z = precondition(r_new)
-            gamma_new = _dot(r_new, z)  # r^T M r
+            # r^T M r; without a preconditioner it is the squared norm just computed.
+            gamma_new = rnorm_new**2 if preconditioner is None else _dot(r_new, z)
             gamma_ok = jnp.isfinite(gamma_new) & (gamma_new > 0)
             beta = jnp.where(gamma_ok, gamma_new / gamma, 0)
             p_new = _axpy(beta, p, z)
@@ -287,15 +290,21 @@ class CG(lx.AbstractLinearSolver[_CGState]):
             result = lx.RESULTS.where(broke, lx.RESULTS.breakdown, result)
             return (y, r, p, gamma, rnorm, step_new, converged | broke, result)
 
-        y, _, _, _, rnorm, steps, done, result = lax.while_loop(
-            cond_fun, body_fun, carry0
-        )
+        y, _, _, _, rnorm, steps, _, result = lax.while_loop(cond_fun, body_fun, carry0)
+        # Convergence is only ever declared on a true residual.
+        converged = rnorm <= tol
         result = lx.RESULTS.where(
-            (result == lx.RESULTS.successful) & ~(rnorm <= tol),
+            (result == lx.RESULTS.successful) & ~converged,
             lx.RESULTS.max_steps_reached,
             result,
         )
-        del done
+        # Otherwise the loop's residual may come from the recurrence: report the
+        # true one of the returned iterate.
+        rnorm = lax.cond(
+            eqxi.unvmap_any(~converged),
+            lambda: norm(_sub(vector, operator.mv(y))),
+            lambda: rnorm,
+        )
         stats = {"num_steps": steps, "residual_norm": rnorm, "max_steps": max_steps}
         return y, result, stats
 

@@ -1,0 +1,1 @@
+"""Experiments: data loading, the comparison runners and the `eqx-curv` command line."""
