@@ -1,6 +1,18 @@
 """eqx_curv: curvature matrices as lineax operators, and second-order optimizers."""
 
 from ._linalg.cg import CG as CG
+from ._linalg.newton_schulz import (
+    CUBIC_COEFFICIENTS as CUBIC_COEFFICIENTS,
+    MUON_COEFFICIENTS as MUON_COEFFICIENTS,
+    newton_schulz as newton_schulz,
+    newton_schulz_inverse_sqrt as newton_schulz_inverse_sqrt,
+)
+from ._linalg.power_iteration import power_iteration as power_iteration
+from ._linalg.roots import (
+    inverse_pth_root as inverse_pth_root,
+    InverseRootResult as InverseRootResult,
+    matrix_power as matrix_power,
+)
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
 
 
