@@ -25,7 +25,7 @@ def newton_schulz(
     matrix: Float[Array, "*batch m n"],
     *,
     num_steps: int = 5,
-    coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+    coefficients: tuple[float, ...] = MUON_COEFFICIENTS,
     eps: float = 1e-7,
     precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
 ) -> Float[Array, "*batch m n"]:

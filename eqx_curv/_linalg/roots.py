@@ -138,7 +138,10 @@ def ridge_and_scale(matrix, p, ridge_epsilon, power_iteration_steps, key):
     # Non-finite entries would poison every product; iterate on the identity instead
     # and report the input as invalid.
     matrix = jnp.where(finite_input, 0.5 * (matrix + matrix.T), identity)
-    lam_max, _ = power_iteration(matrix, key, max_steps=power_iteration_steps)
+    eps = float(np.finfo(matrix.dtype).eps)
+    lam_max, _ = power_iteration(
+        matrix, key, max_steps=power_iteration_steps, rtol=10 * eps
+    )
     lam_max = jnp.abs(lam_max)
     ridge = ridge_epsilon * lam_max
     # z = (1 + p) / (2 lambda_max(ridged)) puts the spectrum of M_0 = z * ridged in

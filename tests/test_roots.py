@@ -1,0 +1,226 @@
+"""Inverse p-th roots and power iteration against float64 eigendecomposition oracles."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_curv
+
+
+SIZES = (8, 32, 64, 128, 256)
+CONDS = (1.0, 1e2, 1e4, 1e6)
+
+
+def spd(n, cond, seed):
+    """A float64 SPD matrix with eigenvalues log-spaced in [1 / cond, 1]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.logspace(0, -np.log10(cond), n)
+    return (q * w) @ q.T
+
+
+def eigh_root64(matrix, p):
+    """Float64 oracle: the inverse p-th root and the condition number."""
+    matrix = np.asarray(matrix, np.float64)
+    w, q = np.linalg.eigh(0.5 * (matrix + matrix.T))
+    return (q * w ** (-1.0 / p)) @ q.T, w[-1] / w[0]
+
+
+def root_tolerance(dtype, n, kappa, p):
+    # Rounding in ~sqrt(n)-long dot products, plus the forward error a backward-stable
+    # method makes on a matrix of condition number kappa (the root has relative
+    # condition number about kappa / p). float32 eigh exceeds this at kappa = 1e6.
+    return np.finfo(dtype).eps * (10 * np.sqrt(n) + kappa / p)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("max_steps",))
+def _root(matrix, p, max_steps=100):
+    return eqx_curv.inverse_pth_root(matrix, p, max_steps=max_steps)
+
+
+def check_root(matrix, p, result):
+    n = matrix.shape[0]
+    dtype = matrix.dtype
+    assert result.root.dtype == dtype
+    assert bool(result.valid) and bool(result.converged)
+    ridged = np.asarray(matrix, np.float64) + float(result.ridge) * np.eye(n)
+    expected, kappa = eigh_root64(ridged, p)
+    root = np.asarray(result.root, np.float64)
+    assert np.isfinite(root).all()
+    rel = np.linalg.norm(root - expected) / np.linalg.norm(expected)
+    assert rel <= root_tolerance(dtype, n, kappa, p), (rel, kappa)
+    # X^p (A + ridge) = I, up to the forward error amplified by the conditioning.
+    residual = np.linalg.norm(np.linalg.matrix_power(root, p) @ ridged - np.eye(n), 2)
+    eps = np.finfo(dtype).eps
+    assert residual <= 2 * np.sqrt(n) * eps * p * kappa, (residual, kappa)
+
+
+@hypothesis.given(
+    n=st.sampled_from(SIZES),
+    cond=st.sampled_from(CONDS),
+    p=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_inverse_pth_root_matches_float64_eigh(n, cond, p, seed):
+    matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
+    check_root(matrix, p, _root(matrix, p))
+
+
+@pytest.mark.parametrize("p", [3, 8])
+def test_inverse_pth_root_float64(p):
+    # In float64 the same tolerance formula is about 1e-10 at condition number 1e6.
+    matrix = jnp.asarray(spd(64, 1e6, p), jnp.float64)
+    check_root(matrix, p, _root(matrix, p))
+
+
+@pytest.mark.parametrize("p", range(1, 9))
+def test_every_p_is_exact(p):
+    # The reference page and a widely used routine round p to a power of two, which
+    # is wrong for p = 3, 5, 6, 7; check each p at a moderate condition number.
+    matrix = jnp.asarray(spd(32, 1e4, p), jnp.float32)
+    check_root(matrix, p, _root(matrix, p))
+
+
+def test_ridge_is_relative_to_lambda_max():
+    matrix = jnp.asarray(7.0 * spd(32, 1e3, 0), jnp.float32)
+    result = _root(matrix, 2)
+    np.testing.assert_allclose(float(result.ridge), 7e-6, rtol=1e-4)
+
+
+def test_singular_psd_matrix_is_regularised_by_the_ridge():
+    # Rank 8 of 32: the ridge alone makes it invertible (condition number 1e6).
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((32, 8))
+    matrix = jnp.asarray(g @ g.T, jnp.float32)
+    check_root(matrix, 4, _root(matrix, 4))
+
+
+def test_fallback_to_eigendecomposition():
+    matrix = jnp.asarray(spd(32, 1e4, 3), jnp.float32)
+    result = _root(matrix, 3, max_steps=2)
+    assert not bool(result.converged) and bool(result.valid)
+    assert int(result.num_steps) == 2
+    ridged = np.asarray(matrix, np.float64) + float(result.ridge) * np.eye(32)
+    expected, kappa = eigh_root64(ridged, 3)
+    # The float64 fallback is exact up to the final cast to float32.
+    np.testing.assert_allclose(
+        np.asarray(result.root),
+        expected,
+        rtol=0,
+        atol=1e3 * 2**-24 * np.abs(expected).max(),
+    )
+
+
+def test_fallback_in_input_precision():
+    matrix = jnp.asarray(spd(32, 1e2, 4), jnp.float32)
+    result = jax.jit(
+        lambda m: eqx_curv.inverse_pth_root(
+            m, 2, max_steps=1, fallback_in_float64=False
+        )
+    )(matrix)
+    assert not bool(result.converged) and bool(result.valid)
+    ridged = np.asarray(matrix, np.float64) + float(result.ridge) * np.eye(32)
+    expected, kappa = eigh_root64(ridged, 2)
+    rel = np.linalg.norm(np.asarray(result.root) - expected) / np.linalg.norm(expected)
+    assert rel <= root_tolerance(np.float32, 32, kappa, 2)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_indefinite_input_is_flagged(p):
+    w = np.concatenate([np.linspace(1.0, 0.1, 31), [-0.3]])
+    q, _ = np.linalg.qr(np.random.default_rng(p).standard_normal((32, 32)))
+    matrix = jnp.asarray((q * w) @ q.T, jnp.float32)
+    result = _root(matrix, p)
+    assert not bool(result.valid) and not bool(result.converged)
+    assert np.isnan(np.asarray(result.root)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_flagged(bad):
+    matrix = np.asarray(spd(32, 10.0, 0), np.float32)
+    matrix[2, 5] = bad
+    result = _root(jnp.asarray(matrix), 4)
+    assert not bool(result.valid)
+    assert np.isnan(np.asarray(result.root)).all()
+
+
+def test_vmap_over_a_batch_of_matrices():
+    # Under vmap the cond becomes a select: both branches run, the right one is kept.
+    batch = jnp.asarray(np.stack([spd(16, c, 5) for c in (1e1, 1e3, 1e5)]), jnp.float32)
+    results = jax.vmap(lambda m: eqx_curv.inverse_pth_root(m, 4))(batch)
+    for i in range(3):
+        check_root(batch[i], 4, jax.tree.map(lambda x, i=i: x[i], results))
+
+
+def test_bad_arguments_raise():
+    matrix = jnp.eye(4)
+    with pytest.raises(ValueError, match="`p`"):
+        eqx_curv.inverse_pth_root(matrix, 0)
+    with pytest.raises(ValueError, match="`p`"):
+        eqx_curv.inverse_pth_root(matrix, -3)
+    with pytest.raises(ValueError, match="ridge_epsilon"):
+        eqx_curv.inverse_pth_root(matrix, 2, ridge_epsilon=-1.0)
+    # Shape and dtype are also caught by the jaxtyping annotations under pytest; the
+    # library's own checks give the message users see without them.
+    from eqx_curv._linalg.roots import check_matrix
+
+    with pytest.raises(ValueError, match="square"):
+        check_matrix(jnp.ones((3, 4)))
+    with pytest.raises(TypeError, match="floating-point"):
+        check_matrix(jnp.eye(3, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("p", range(1, 10))
+def test_matrix_power_is_exact(p):
+    a = np.random.default_rng(p).standard_normal((5, 5))
+    np.testing.assert_allclose(
+        np.asarray(eqx_curv.matrix_power(jnp.asarray(a), p)),
+        np.linalg.matrix_power(a, p),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_power_iteration_seeded_and_jittable():
+    matrix = jnp.asarray(spd(64, 1e3, 1) * 3.0)
+    fn = jax.jit(eqx_curv.power_iteration)
+    lam1, v1 = fn(matrix, jax.random.key(5))
+    lam2, v2 = fn(matrix, jax.random.key(5))
+    assert float(lam1) == float(lam2) and np.array_equal(v1, v2)
+    np.testing.assert_allclose(float(lam1), 3.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.abs(np.asarray(matrix @ v1)), np.abs(3.0 * np.asarray(v1)), atol=1e-3
+    )
+
+
+def test_power_iteration_on_an_operator_and_signed():
+    import lineax as lx
+
+    d = jnp.array([1.0, -5.0, 2.0, 0.5])
+    op = lx.DiagonalLinearOperator(d)
+    lam, v = eqx_curv.power_iteration(op, jax.random.key(0), max_steps=200)
+    np.testing.assert_allclose(float(lam), -5.0, rtol=1e-6)
+    np.testing.assert_allclose(abs(float(v[1])), 1.0, rtol=1e-6)
+
+
+# GPU-meant versions (run by benchmarks/gpu_check.sh): float32 only, larger sizes, and
+# under the default matmul precision as well as HIGHEST, which the routine must not
+# depend on (it asks for HIGHEST itself).
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["default", "highest"])
+@hypothesis.given(
+    n=st.sampled_from((32, 128, 256, 512)),
+    cond=st.sampled_from(CONDS),
+    p=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_inverse_pth_root_float32_device(precision, n, cond, p, seed):
+    matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
+    with jax.default_matmul_precision(precision):
+        result = jax.jit(eqx_curv.inverse_pth_root, static_argnums=1)(matrix, p)
+    check_root(matrix, p, result)
