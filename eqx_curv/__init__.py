@@ -14,6 +14,13 @@ from ._linalg.roots import (
     matrix_power as matrix_power,
 )
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
+from ._operators.block_diagonal import BlockDiagonalOperator as BlockDiagonalOperator
+from ._operators.eigh import EighOperator as EighOperator
+from ._operators.kronecker import (
+    KroneckerEigenOperator as KroneckerEigenOperator,
+    KroneckerOperator as KroneckerOperator,
+)
+from ._operators.woodbury import WoodburyOperator as WoodburyOperator
 
 
 __version__ = "0.1.0"

@@ -1,0 +1,167 @@
+"""KroneckerOperator and KroneckerEigenOperator against dense `jnp.kron` oracles."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import lineax as lx
+import numpy as np
+import pytest
+
+import eqx_curv
+
+
+SHAPES = ((1, 1), (3, 5), (6, 4), (8, 8))
+
+
+def psd_factor(n, seed, cond=1e2):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.logspace(0, -np.log10(cond), n)) @ q.T
+
+
+def vec(x):
+    # Row-major: the order of jax.flatten_util.ravel_pytree.
+    return np.asarray(x).ravel()
+
+
+def dense_power(matrix, q):
+    w, v = np.linalg.eigh(matrix)
+    return (v * w**q) @ v.T
+
+
+@hypothesis.given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**16))
+def test_kronecker_identities(shape, seed):
+    m, n = shape
+    a, b = psd_factor(m, seed), psd_factor(n, seed + 1)
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    dense = np.kron(a, b)
+    x = np.random.default_rng(seed + 2).standard_normal(shape)
+    rtol = 1e-10
+    # (A ⊗ B) vec(X) = vec(A X B^T), with row-major vec.
+    np.testing.assert_allclose(vec(op.mv(jnp.asarray(x))), dense @ vec(x), rtol=rtol)
+    np.testing.assert_allclose(np.asarray(op.as_matrix()), dense, rtol=rtol, atol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(lx.materialise(op).as_matrix()), dense, rtol=rtol, atol=1e-14
+    )
+    np.testing.assert_allclose(np.asarray(lx.diagonal(op)), np.diag(dense), rtol=rtol)
+    # Inverse and powers.
+    for q, got in [
+        (-1.0, op.inverse()),
+        (0.5, op.power(0.5)),
+        (-0.25, op.power(-0.25)),
+    ]:
+        np.testing.assert_allclose(
+            np.asarray(got.as_matrix()), dense_power(dense, q), rtol=1e-8, atol=1e-10
+        )
+    # Exact damped inverse and damped powers through the eigenbases.
+    lam = 0.3
+    damped = dense + lam * np.eye(m * n)
+    for q in (-1.0, -0.5):
+        got = op.damped_power(lam, q, method="exact")
+        assert isinstance(got, eqx_curv.KroneckerEigenOperator)
+        np.testing.assert_allclose(
+            vec(got.mv(jnp.asarray(x))), dense_power(damped, q) @ vec(x), rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            np.asarray(lx.diagonal(got)), np.diag(dense_power(damped, q)), rtol=1e-9
+        )
+    np.testing.assert_allclose(
+        vec(op.damped_inverse(lam).mv(jnp.asarray(x))),
+        np.linalg.solve(damped, vec(x)),
+        rtol=1e-9,
+    )
+
+
+def test_factored_damping_is_the_pi_adjusted_product():
+    a, b = 5.0 * psd_factor(4, 0), 0.2 * psd_factor(3, 1)
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    lam = 1e-2
+    pi = np.sqrt((np.trace(a) / 4) / (np.trace(b) / 3))
+    expected = np.linalg.inv(
+        np.kron(a + pi * np.sqrt(lam) * np.eye(4), b + np.sqrt(lam) / pi * np.eye(3))
+    )
+    got = op.damped_inverse(lam, method="factored")
+    assert isinstance(got, eqx_curv.KroneckerOperator)
+    np.testing.assert_allclose(np.asarray(got.as_matrix()), expected, rtol=1e-9)
+    # With no damping, both methods are the exact inverse.
+    exact = np.linalg.inv(np.kron(a, b))
+    for method in ("exact", "factored"):
+        np.testing.assert_allclose(
+            np.asarray(op.damped_inverse(0.0, method=method).as_matrix()),
+            exact,
+            rtol=1e-7,
+        )
+    # Under pytest the Literal annotation itself is checked (jaxtyping + beartype);
+    # without it the method raises a ValueError naming the argument.
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="method"):
+        op.damped_inverse(lam, method="pi")  # pyright: ignore  # testing the check
+    with pytest.raises(ValueError, match="damping"):
+        op.damped_inverse(-1.0)
+
+
+def test_tags_and_lineax_solves():
+    a, b = psd_factor(4, 2), psd_factor(3, 3)
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
+    assert not lx.is_positive_semidefinite(
+        eqx_curv.KroneckerOperator(jnp.asarray(a), -jnp.asarray(b), psd=False)
+    )
+    g = np.random.default_rng(0).standard_normal((4, 3))
+    lam = 0.1
+    expected = np.linalg.solve(np.kron(a, b) + lam * np.eye(12), vec(g))
+    damped = op + lam * lx.IdentityLinearOperator(op.in_structure())
+    for solver in (lx.AutoLinearSolver(well_posed=True), lx.LU()):
+        sol = lx.linear_solve(damped, jnp.asarray(g), solver).value
+        np.testing.assert_allclose(vec(sol), expected, rtol=1e-9)
+    psd_damped = lx.TaggedLinearOperator(damped, lx.positive_semidefinite_tag)
+    for solver in (lx.CG(rtol=1e-12, atol=1e-12), lx.Cholesky()):
+        sol = lx.linear_solve(psd_damped, jnp.asarray(g), solver).value
+        np.testing.assert_allclose(vec(sol), expected, rtol=1e-8)
+    inv = lx.invert(op).mv(jnp.asarray(g))
+    np.testing.assert_allclose(
+        vec(inv), np.linalg.solve(np.kron(a, b), vec(g)), rtol=1e-8
+    )
+    # Composes with other operators and with grad through a solve.
+    composed = op @ op.inverse()
+    np.testing.assert_allclose(
+        np.asarray(composed.mv(jnp.asarray(g))), g, rtol=1e-8, atol=1e-12
+    )
+
+    def loss(scale):
+        scaled = eqx_curv.KroneckerOperator(scale * jnp.asarray(a), jnp.asarray(b))
+        return jnp.sum(lx.linear_solve(scaled, jnp.asarray(g)).value)
+
+    grad = jax.grad(loss)(2.0)
+    np.testing.assert_allclose(float(grad), -float(loss(2.0)) / 2.0, rtol=1e-8)
+
+
+def test_jit_and_float32_precision():
+    a, b = psd_factor(16, 4), psd_factor(12, 5)
+    a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    x = np.random.default_rng(1).standard_normal((16, 12))
+
+    @jax.jit
+    def apply(a, b, x):
+        return eqx_curv.KroneckerOperator(a, b).damped_inverse(1e-2).mv(x)
+
+    got = apply(a32, b32, jnp.asarray(x, jnp.float32))
+    assert got.dtype == jnp.float32
+    dense = np.kron(a32.astype(np.float64), b32.astype(np.float64)) + 1e-2 * np.eye(192)
+    expected = np.linalg.solve(dense, vec(x))
+    # Relative to the solution's scale; the damped system has condition number 1e2.
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(
+        vec(got), expected, atol=100 * 1e2 * eps * np.abs(expected).max()
+    )
+
+
+def test_bad_factors_raise():
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="left"):
+        eqx_curv.KroneckerOperator(jnp.ones((2, 3)), jnp.eye(2))
+    with pytest.raises(ValueError, match="dtype"):
+        eqx_curv.KroneckerOperator(jnp.eye(2), jnp.eye(2, dtype=jnp.float32))
+    op = eqx_curv.KroneckerOperator(jnp.eye(2), jnp.eye(3))
+    with pytest.raises(ValueError, match="structure"):
+        op.mv(jnp.ones((3, 2)))
