@@ -30,15 +30,25 @@ def _rel(x, y):
     return np.linalg.norm(x - y) / np.linalg.norm(y)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-@pytest.mark.parametrize("n", [5, 40])
-def test_dense_spd_matches_dense_solve(getkey, dtype, n):
+@pytest.mark.parametrize(
+    "dtype, n, every",
+    [
+        (jnp.float64, 5, None),
+        (jnp.float64, 40, None),
+        (jnp.float32, 5, None),
+        (jnp.float32, 40, None),
+        (jnp.float64, 40, 10),  # periodic residual replacement and restarts
+        (jnp.float32, 40, 10),
+    ],
+)
+def test_dense_spd_matches_dense_solve(getkey, dtype, n, every):
     cond = 100.0
     eps = float(jnp.finfo(dtype).eps)
     rtol = 100 * eps
     a = _spd(getkey(), n, cond, dtype)
     b = jax.random.normal(getkey(), (n,), dtype)
-    sol = _solve(a, b, eqx_curv.CG(rtol=rtol, atol=0.0, max_steps=10 * n))
+    solver = eqx_curv.CG(rtol=rtol, atol=0.0, max_steps=10 * n, recompute_every=every)
+    sol = _solve(a, b, solver)
     assert sol.result == lx.RESULTS.successful
     assert sol.value.dtype == dtype
     expected = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
@@ -255,6 +265,8 @@ def test_bad_input_raises_sentences(getkey):
         eqx_curv.CG(rtol=-1.0, atol=0.0)
     with pytest.raises(ValueError, match="`max_steps`"):
         eqx_curv.CG(rtol=1e-3, atol=0.0, max_steps=-2)
+    with pytest.raises(ValueError, match="`recompute_every`"):
+        eqx_curv.CG(rtol=1e-3, atol=0.0, recompute_every=0)
     with pytest.raises(ValueError, match="set a tolerance or `max_steps`"):
         eqx_curv.CG(rtol=0.0, atol=0.0)
 
