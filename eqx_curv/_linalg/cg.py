@@ -11,7 +11,6 @@ does not grow with the dimension.
 from typing import Any, TypeAlias
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -228,100 +227,89 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         def norm(r):
             return jnp.sqrt(jnp.maximum(_dot(r, r), 0))
 
-        b_finite = _all_finite(vector)
-        if y0 is None:
+        zero_start = y0 is None
+        if zero_start:
             y0 = jax.tree.map(jnp.zeros_like, vector)
-            r0 = vector
-            inputs_finite = b_finite
+            inputs_finite = _all_finite(vector)
         else:
-            r0 = _sub(vector, operator.mv(y0))
-            inputs_finite = b_finite & _all_finite(y0)
+            inputs_finite = _all_finite(vector) & _all_finite(y0)
         tol = (self.atol + self.rtol * norm(vector)).astype(dtype)
-        rnorm0 = norm(r0)
-        z0 = precondition(r0)
-        gamma0 = _dot(r0, z0)
-        converged0 = rnorm0 <= tol
-        result0 = lx.RESULTS.where(
-            inputs_finite, lx.RESULTS.successful, lx.RESULTS.nonfinite_input
-        )
-        bad_start = inputs_finite & ~converged0 & ~(jnp.isfinite(gamma0) & (gamma0 > 0))
-        result0 = lx.RESULTS.where(bad_start, lx.RESULTS.breakdown, result0)
-        done0 = converged0 | ~inputs_finite | bad_start
-        carry0 = (y0, r0, z0, gamma0, rnorm0, jnp.array(0), done0, result0)
+        every = self.recompute_every
 
-        def cond_fun(carry):
-            *_, step, done, _ = carry
-            return ~done & (step < max_steps)
+        # Two nested loops. The inner one is plain preconditioned CG on the cheap
+        # recurrence r <- r - alpha A p, and stops when that recurrence claims
+        # convergence (or breaks down, runs out of steps, or reaches the optional
+        # `recompute_every` period). The outer one computes the true residual b - Ay,
+        # stops if it meets the tolerance, and otherwise restarts the inner loop from
+        # it (p = M r). So success is only declared on a true residual, rounding drift
+        # of the recurrence is corrected by a restart (replacing r but keeping the old
+        # p breaks the conjugacy the beta update relies on: measured in float32 to
+        # cost up to 50% more steps and, once, to diverge), and the inner loop has no
+        # branch in it, so XLA fuses it as tightly as a textbook CG.
 
-        def body_fun(carry):
-            y, r, p, gamma, rnorm, step, _, result = carry
-            q = operator.mv(p)
-            curvature = _dot(p, q)  # p^T A p
-            ok = jnp.isfinite(curvature) & (curvature > 0)
-            alpha = jnp.where(ok, gamma / jnp.where(ok, curvature, 1), 0)
-            y_new = _axpy(alpha, p, y)
-            step_new = step + 1
-            r_cheap = _axpy(-alpha, q, r)
-            rnorm_cheap = norm(r_cheap)
-            # The recurrence r - alpha A p drifts from b - A y in floating point. The
-            # true residual is computed whenever the recurrence claims convergence
-            # (so success is only declared on it) and, optionally, every
-            # `recompute_every` steps. A recomputed residual replaces the recurrence
-            # and restarts the search direction (p = M r): keeping the old p after a
-            # replacement breaks the conjugacy the beta update relies on, which in
-            # float32 was measured to cost up to 50% more steps and, once, diverge.
-            claimed = ok & (rnorm_cheap <= tol)
-            if self.recompute_every is None:
-                periodic = False
-            else:
-                periodic = (eqxi.unvmap_max(step_new) % self.recompute_every) == 0
-            own = claimed | periodic
+        def inner(y, r, rnorm, step, stop):
+            z = precondition(r)
+            gamma = rnorm**2 if preconditioner is None else _dot(r, z)
+            bad_start = ~stop & ~(jnp.isfinite(gamma) & (gamma > 0))
+
+            def cond_fun(carry):
+                *_, k, step, stop, _ = carry
+                return ~stop & (step < max_steps)
+
+            def body_fun(carry):
+                y, r, p, gamma, k, step, _, _ = carry
+                q = operator.mv(p)
+                curvature = _dot(p, q)  # p^T A p
+                ok = jnp.isfinite(curvature) & (curvature > 0)
+                # On breakdown alpha = 0: y stays the last good iterate.
+                alpha = jnp.where(ok, gamma / jnp.where(ok, curvature, 1), 0)
+                y = _axpy(alpha, p, y)
+                r = _axpy(-alpha, q, r)
+                rnorm = norm(r)
+                z = precondition(r)
+                # r^T M r; without a preconditioner it is the squared norm.
+                gamma_new = rnorm**2 if preconditioner is None else _dot(r, z)
+                gamma_ok = jnp.isfinite(gamma_new) & (gamma_new > 0)
+                claimed = rnorm <= tol
+                broke = ~ok | (~claimed & ~gamma_ok)
+                beta = jnp.where(gamma_ok, gamma_new / gamma, 0)
+                p = _axpy(beta, p, z)
+                stop = claimed | broke
+                if every is not None:
+                    stop = stop | ((k + 1) % every == 0)
+                return y, r, p, gamma_new, k + 1, step + 1, stop, broke
+
+            carry = (y, r, z, gamma, jnp.array(0), step, stop | bad_start, bad_start)
+            y, _, _, _, _, step, _, broke = lax.while_loop(cond_fun, body_fun, carry)
+            return y, step, broke
+
+        def outer_cond(carry):
+            return ~carry[-1]
+
+        def outer_body(carry):
+            y, step, broke, _, _ = carry
 
             def true_residual():
-                r_true = _sub(vector, operator.mv(y_new))
-                # Under `jax.vmap` only the systems that asked take the replacement.
-                r_sel = jax.tree.map(lambda a, b: jnp.where(own, a, b), r_true, r_cheap)
-                return r_sel, jnp.where(own, norm(r_true), rnorm_cheap), own
+                return _sub(vector, operator.mv(y))
 
-            def recurrence():
-                return r_cheap, rnorm_cheap, jnp.zeros_like(own)
+            if zero_start:  # b - A 0 = b: save a product on the first pass
+                r = lax.cond(step == 0, lambda: vector, true_residual)
+            else:
+                r = true_residual()
+            rnorm = norm(r)
+            stop = (rnorm <= tol) | broke | (step >= max_steps) | ~inputs_finite
+            y, step, broke_now = inner(y, r, rnorm, step, stop)
+            return y, step, broke | broke_now, rnorm, stop
 
-            # `unvmap_any` keeps this a real branch under `jax.vmap` instead of a
-            # select that would evaluate the extra product at every step.
-            r_new, rnorm_new, replaced = lax.cond(
-                eqxi.unvmap_any(own), true_residual, recurrence
-            )
-            converged = ok & (rnorm_new <= tol)
-            z = precondition(r_new)
-            # r^T M r; without a preconditioner it is the squared norm just computed.
-            gamma_new = rnorm_new**2 if preconditioner is None else _dot(r_new, z)
-            gamma_ok = jnp.isfinite(gamma_new) & (gamma_new > 0)
-            beta = jnp.where(gamma_ok & ~replaced, gamma_new / gamma, 0)
-            p_new = _axpy(beta, p, z)
-            broke = ~ok | (~converged & ~gamma_ok)
-            # On breakdown alpha = 0, so y_new is exactly the last good iterate; the
-            # residual of the returned iterate is recomputed after the loop. Only the
-            # scalars need guarding (no full-vector selects in the loop).
-            rnorm_new = jnp.where(ok, rnorm_new, rnorm)
-            result = lx.RESULTS.where(broke, lx.RESULTS.breakdown, result)
-            done = converged | broke
-            return (y_new, r_new, p_new, gamma_new, rnorm_new, step_new, done, result)
-
-        y, _, _, _, rnorm, steps, _, result = lax.while_loop(cond_fun, body_fun, carry0)
-        # Convergence is only ever declared on a true residual.
-        converged = rnorm <= tol
+        false = jnp.array(False)
+        carry0 = (y0, jnp.array(0), false, jnp.array(jnp.inf, dtype), false)
+        y, steps, broke, rnorm, _ = lax.while_loop(outer_cond, outer_body, carry0)
         result = lx.RESULTS.where(
-            (result == lx.RESULTS.successful) & ~converged,
-            lx.RESULTS.max_steps_reached,
-            result,
+            rnorm <= tol,
+            lx.RESULTS.successful,
+            lx.RESULTS.where(broke, lx.RESULTS.breakdown, lx.RESULTS.max_steps_reached),
         )
-        # Otherwise the loop's residual may come from the recurrence: report the
-        # true one of the returned iterate.
-        rnorm = lax.cond(
-            eqxi.unvmap_any(~converged),
-            lambda: norm(_sub(vector, operator.mv(y))),
-            lambda: rnorm,
-        )
+        result = lx.RESULTS.where(inputs_finite, result, lx.RESULTS.nonfinite_input)
         stats = {"num_steps": steps, "residual_norm": rnorm, "max_steps": max_steps}
         return y, result, stats
 
@@ -359,6 +347,6 @@ CG.__init__.__doc__ = r"""**Arguments:**
     residual by $b - Ay$ (one extra operator product) and restart the search
     direction. `None` (the default) does so only when the recurrence claims
     convergence: on the float32 problems of `benchmarks/bench_cg.py` a period of 20
-    cost 17-31% more steps and a period of 50 up to 4%, for no gain in the final
-    residual.
+    cost 33-43% more steps and a period of 50 0-11%, for no gain in the final
+    residual (each restart discards the Krylov space built so far).
 """
