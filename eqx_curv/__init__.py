@@ -13,9 +13,26 @@ from ._linalg.roots import (
     InverseRootResult as InverseRootResult,
     matrix_power as matrix_power,
 )
+from ._losses import (
+    AbstractLoss as AbstractLoss,
+    MeanSquaredError as MeanSquaredError,
+    SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
+    SoftmaxCrossEntropy as SoftmaxCrossEntropy,
+)
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
 from ._operators.block_diagonal import BlockDiagonalOperator as BlockDiagonalOperator
+from ._operators.damped import DampedOperator as DampedOperator
+from ._operators.diagonal import (
+    exact_diagonal as exact_diagonal,
+    hutchinson_diagonal as hutchinson_diagonal,
+)
 from ._operators.eigh import EighOperator as EighOperator
+from ._operators.ggn import (
+    EmpiricalFisherOperator as EmpiricalFisherOperator,
+    FisherOperator as FisherOperator,
+    GGNOperator as GGNOperator,
+)
+from ._operators.hessian import HessianOperator as HessianOperator
 from ._operators.kronecker import (
     KroneckerEigenOperator as KroneckerEigenOperator,
     KroneckerOperator as KroneckerOperator,

@@ -4,6 +4,7 @@ Generic tests parametrize over the registries below, so that a new operator or o
 is enrolled in every generic test by adding one entry here.
 """
 
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -32,3 +33,162 @@ def random_like(key, tree):
             for k, x in zip(keys, leaves)
         ],
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Curvature operators and their dense float64 oracles.
+#
+# Each entry: name -> (build, oracle, psd). `build(model, loss, inputs, targets, key)`
+# returns the operator; `oracle(...)` (same arguments) its dense matrix, computed
+# independently with `jax.hessian` / `jax.jacfwd` / per-example gradients, with rows
+# and columns in `ravel_pytree` order.
+
+
+def _flat_problem(model, inputs):
+    import equinox as eqx
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def outputs(f):
+        return jax.vmap(eqx.combine(unravel(f), static))(inputs)
+
+    return flat, outputs
+
+
+@eqx.filter_jit
+def dense_hessian(model, loss, inputs, targets, key=None):
+    flat, outputs = _flat_problem(model, inputs)
+    return jax.hessian(lambda f: loss(outputs(f), targets))(flat)
+
+
+@eqx.filter_jit
+def dense_ggn(model, loss, inputs, targets, key=None):
+    flat, outputs = _flat_problem(model, inputs)
+    jac = jax.jacfwd(outputs)(flat)  # [batch, *out, params]
+    n = inputs.shape[0]
+    jac = jac.reshape(n, -1, flat.size)
+    out = outputs(flat)
+    hess = jax.hessian(lambda o: loss(o, targets))(out)  # [batch, *out, batch, *out]
+    hess = hess.reshape(n, jac.shape[1], n, jac.shape[1])
+    return jnp.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)
+
+
+def per_example_gradients(model, loss, inputs, targets):
+    """Rows g_i: the gradient of example i's loss (a batch of one) at its target."""
+    flat, _ = _flat_problem(model, inputs)
+
+    def one(x, y):
+        _, outputs = _flat_problem(model, x[None])
+        return jax.grad(lambda f: loss(outputs(f), y[None]))(flat)
+
+    return jax.vmap(one)(inputs, targets)
+
+
+@eqx.filter_jit
+def dense_empirical_fisher(model, loss, inputs, targets, key=None):
+    g = per_example_gradients(model, loss, inputs, targets)
+    return g.T @ g / g.shape[0]
+
+
+@eqx.filter_jit
+def dense_mc_fisher(model, loss, inputs, key, num_samples):
+    """Mean of empirical Fishers at the targets the operator samples from `key`."""
+    from eqx_curv._operators.ggn import sample_targets
+
+    _, outputs = _flat_problem(model, inputs)
+    flat, _ = _flat_problem(model, inputs)
+    sampled = sample_targets(loss, key, num_samples, outputs(flat))
+    mats = [
+        dense_empirical_fisher(model, loss, inputs, sampled[s])
+        for s in range(num_samples)
+    ]
+    return sum(mats) / num_samples
+
+
+DAMPING = 0.3
+
+
+def _operators():
+    import eqx_curv
+
+    return {
+        "hessian": (
+            lambda m, loss, x, y, k: eqx_curv.HessianOperator(
+                _loss_fn(m, loss, x, y), _params(m)
+            ),
+            dense_hessian,
+            False,
+        ),
+        "ggn": (
+            lambda m, loss, x, y, k: eqx_curv.GGNOperator(m, loss, x, y),
+            dense_ggn,
+            True,
+        ),
+        "fisher_exact": (
+            lambda m, loss, x, y, k: eqx_curv.FisherOperator(m, loss, x),
+            dense_ggn,
+            True,
+        ),
+        "fisher_mc": (
+            lambda m, loss, x, y, k: eqx_curv.FisherOperator(
+                m, loss, x, key=k, num_samples=2
+            ),
+            lambda m, loss, x, y, k: dense_mc_fisher(m, loss, x, k, 2),
+            True,
+        ),
+        "empirical_fisher": (
+            lambda m, loss, x, y, k: eqx_curv.EmpiricalFisherOperator(m, loss, x, y),
+            dense_empirical_fisher,
+            True,
+        ),
+        "damped_ggn": (
+            lambda m, loss, x, y, k: eqx_curv.DampedOperator(
+                eqx_curv.GGNOperator(m, loss, x, y), DAMPING
+            ),
+            lambda *a: dense_ggn(*a) + DAMPING * jnp.eye(dense_ggn(*a).shape[0]),
+            True,
+        ),
+        "damped_hessian": (
+            lambda m, loss, x, y, k: eqx_curv.DampedOperator(
+                eqx_curv.HessianOperator(_loss_fn(m, loss, x, y), _params(m)), DAMPING
+            ),
+            lambda *a: (
+                dense_hessian(*a) + DAMPING * jnp.eye(dense_hessian(*a).shape[0])
+            ),
+            False,
+        ),
+    }
+
+
+def _params(model):
+    import equinox as eqx
+
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def _loss_fn(model, loss, inputs, targets):
+    import equinox as eqx
+
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+
+    def fn(params):
+        return loss(jax.vmap(eqx.combine(params, static))(inputs), targets)
+
+    return fn
+
+
+OPERATOR_NAMES = [
+    "hessian",
+    "ggn",
+    "fisher_exact",
+    "fisher_mc",
+    "empirical_fisher",
+    "damped_ggn",
+    "damped_hessian",
+]
+
+
+def operator_entry(name):
+    """(build, oracle, psd) for a registered operator name."""
+    return _operators()[name]

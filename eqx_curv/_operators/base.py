@@ -8,7 +8,9 @@ once here covers every subclass.
 """
 
 import abc
+from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 
-def _structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
     )
@@ -33,7 +35,7 @@ def check_vector_structure(
     vector: PyTree, structure: PyTree[jax.ShapeDtypeStruct], name: str = "vector"
 ) -> None:
     """Raise a `ValueError` at trace time if `vector` does not match `structure`."""
-    got = _structure_of(vector)
+    got = structure_of(vector)
     if jax.tree.structure(got) != jax.tree.structure(structure):
         raise ValueError(
             f"`{name}` must have the operator's input structure (the parameter PyTree): "
@@ -101,15 +103,8 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         return self
 
     def as_matrix(self) -> Array:
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
-        flat, unravel = jax.flatten_util.ravel_pytree(zeros)
-        basis = jnp.eye(flat.size, dtype=flat.dtype)
-
-        def column(e):
-            return jax.flatten_util.ravel_pytree(self.mv(unravel(e)))[0]
-
-        # Symmetric, so rows and columns agree; vmap gives the columns as rows.
-        return jax.vmap(column)(basis).T
+        # Compiled: n products op-by-op would dispatch every primitive eagerly.
+        return _as_matrix(self)
 
     def as_function_operator(self) -> lx.FunctionLinearOperator:
         """This operator as a `lineax.FunctionLinearOperator` with the same tags."""
@@ -117,6 +112,19 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         if self._is_psd():
             tags.append(lx.positive_semidefinite_tag)
         return lx.FunctionLinearOperator(self.mv, self.in_structure(), tags=tags)
+
+
+@eqx.filter_jit
+def _as_matrix(operator: AbstractCurvatureOperator) -> Array:
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), operator.in_structure())
+    flat, unravel = jax.flatten_util.ravel_pytree(zeros)
+    basis = jnp.eye(flat.size, dtype=flat.dtype)
+
+    def column(e):
+        return jax.flatten_util.ravel_pytree(operator.mv(unravel(e)))[0]
+
+    # Symmetric, so rows and columns agree; vmap gives the columns as rows.
+    return jax.vmap(column)(basis).T
 
 
 @lx.is_symmetric.register(AbstractCurvatureOperator)
@@ -159,3 +167,37 @@ def _(operator):
 @lx.tridiagonal.register(AbstractCurvatureOperator)
 def _(operator):
     return lx.tridiagonal(operator.as_function_operator())
+
+
+class LinearisedOperator(AbstractCurvatureOperator):
+    """A curvature operator whose primal computation has been done once.
+
+    `lineax.linearise` of the concrete operators returns one of these: `fn` is the
+    closure-converted linear map (a `jax.linearize`d tangent map composed with its
+    transpose), so each product costs only the tangent and cotangent passes. Iterative
+    solvers (CG, GMRES, LSMR, BiCGStab) call `lineax.linearise` before iterating.
+    """
+
+    fn: Callable
+    flat_structure: tuple = eqx.field(static=True)
+    psd: bool = eqx.field(static=True)
+
+    def _mv(self, vector: PyTree[Array]) -> PyTree[Array]:
+        return self.fn(vector)
+
+    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        leaves, treedef = self.flat_structure
+        return jax.tree.unflatten(treedef, leaves)
+
+    def _is_psd(self) -> bool:
+        return self.psd
+
+
+def linearised(
+    fn: Callable, structure: PyTree[jax.ShapeDtypeStruct], psd: bool
+) -> LinearisedOperator:
+    """Wrap the linear map `fn` on `structure`, hoisting its closed-over arrays."""
+    leaves, treedef = jax.tree.flatten(structure)
+    return LinearisedOperator(
+        eqx.filter_closure_convert(fn, structure), (tuple(leaves), treedef), psd
+    )

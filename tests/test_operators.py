@@ -1,0 +1,357 @@
+"""Curvature operators against dense float64 oracles, lineax solvers and bad input."""
+
+import equinox as eqx
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from helpers import (
+    dense_ggn,
+    operator_entry,
+    OPERATOR_NAMES,
+    random_like,
+    ravel,
+)
+from models import make_problem, MODELS
+
+import eqx_curv
+from eqx_curv._operators.base import LinearisedOperator
+
+
+LOSSES = ["softmax", "mse", "bce"]
+
+
+def _tol(matrix):
+    """Round-off scale of a float64 product: dimension x eps x magnitude."""
+    eps = float(jnp.finfo(matrix.dtype).eps)
+    return matrix.shape[0] * eps * max(1.0, float(jnp.abs(matrix).max()))
+
+
+def _build(name, model_name="layernorm", loss_name="softmax", seed=0):
+    build, oracle, psd = operator_entry(name)
+    model, loss, x, y = make_problem(model_name, loss_name, jax.random.key(seed))
+    key = jax.random.key(seed + 100)
+    return build(model, loss, x, y, key), oracle(model, loss, x, y, key), psd
+
+
+# Each model meets each loss once; each operator sees every pair.
+PAIRS = [("mlp", "softmax"), ("conv", "mse"), ("layernorm", "bce")]
+assert {m for m, _ in PAIRS} == set(MODELS) and {loss for _, loss in PAIRS} == set(
+    LOSSES
+)
+
+
+@pytest.mark.parametrize("model_name,loss_name", PAIRS)
+@pytest.mark.parametrize("name", OPERATOR_NAMES)
+def test_dense_oracle(name, model_name, loss_name):
+    op, dense, psd = _build(name, model_name, loss_name)
+    matrix = op.as_matrix()
+    np.testing.assert_allclose(matrix, dense, rtol=0, atol=_tol(dense))
+    # `mv`, and the linearised operator an iterative solver uses, agree with it.
+    params = op.in_structure()
+    v = random_like(jax.random.key(1), params)
+    expected = dense @ ravel(v)
+    np.testing.assert_allclose(ravel(op.mv(v)), expected, atol=_tol(dense) * 10)
+    lin = lx.linearise(op)
+    assert isinstance(lin, (LinearisedOperator, eqx_curv.DampedOperator))
+    np.testing.assert_allclose(ravel(lin.mv(v)), expected, atol=_tol(dense) * 10)
+    assert lx.is_positive_semidefinite(op) == psd == lx.is_positive_semidefinite(lin)
+    assert lx.is_symmetric(op) and lx.is_symmetric(lin)
+
+
+def test_exact_fisher_is_ggn_and_psd():
+    for loss_name in LOSSES:
+        model, loss, x, y = make_problem("mlp", loss_name, jax.random.key(3))
+        fisher = eqx_curv.FisherOperator(model, loss, x).as_matrix()
+        ggn = dense_ggn(model, loss, x, y)
+        np.testing.assert_allclose(fisher, ggn, atol=_tol(ggn))
+        assert np.linalg.eigvalsh(np.asarray(fisher)).min() >= -_tol(ggn)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_mc_fisher_converges_to_exact(loss_name):
+    model, loss, x, _ = make_problem("layernorm", loss_name, jax.random.key(4))
+    exact = eqx_curv.FisherOperator(model, loss, x).as_matrix()
+    errors = []
+    for num_samples in (16, 4096):
+        op = eqx_curv.FisherOperator(
+            model, loss, x, key=jax.random.key(5), num_samples=num_samples
+        )
+        errors.append(
+            float(jnp.linalg.norm(op.as_matrix() - exact) / jnp.linalg.norm(exact))
+        )
+    # Monte-Carlo error decays like 1/sqrt(S): 16x fewer at 256x the samples. Allow a
+    # factor 5 for the randomness of the (fixed-key) draws around that rate.
+    assert errors[1] < 0.2, errors
+    assert errors[1] < errors[0] / 3, errors
+
+
+def test_dropout_key_is_used_per_example():
+    model, loss, x, y = make_problem("dropout", "softmax", jax.random.key(6))
+    key = jax.random.key(7)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    keys = jax.random.split(key, x.shape[0])
+
+    def outputs(f):
+        m = eqx.combine(unravel(f), static)
+        return jax.vmap(lambda xi, ki: m(xi, key=ki))(x, keys)
+
+    jac = jax.jacfwd(outputs)(flat)
+    hess = jax.hessian(lambda o: loss(o, y))(outputs(flat))
+    dense = jnp.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)
+    keyed = eqx_curv.GGNOperator(model, loss, x, y, key=key).as_matrix()
+    np.testing.assert_allclose(keyed, dense, atol=_tol(dense))
+    unkeyed = eqx_curv.GGNOperator(model, loss, x, y).as_matrix()
+    assert not np.allclose(unkeyed, dense)
+    fisher = eqx_curv.FisherOperator(model, loss, x, model_key=key).as_matrix()
+    np.testing.assert_allclose(fisher, dense, atol=_tol(dense))
+
+
+def test_float32_preserved():
+    model, loss, x, y = make_problem(
+        "conv", "softmax", jax.random.key(8), dtype=jnp.float32
+    )
+    v = random_like(jax.random.key(9), eqx.filter(model, eqx.is_inexact_array))
+    for name in OPERATOR_NAMES:
+        build, _, _ = operator_entry(name)
+        op = build(model, loss, x, y, jax.random.key(10))
+        out = eqx.filter_jit(lambda op, v: op.mv(v))(op, v)
+        assert {leaf.dtype for leaf in jax.tree.leaves(out)} == {jnp.dtype("float32")}
+        assert all(jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(out))
+
+
+# --- properties: symmetry, PSD, linearity, transpose; under jit and vmap -------------
+
+
+@eqx.filter_jit
+def _products(op, u, v, scale):
+    w = jax.tree.map(lambda a, b: a + scale * b, u, v)
+    return op.mv(u), op.mv(v), op.mv(w), op.T.mv(v)
+
+
+@eqx.filter_jit
+def _batched_products(op, u, v):
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), u, v)
+    return jax.vmap(op.mv)(stacked)
+
+
+@pytest.mark.parametrize("name", OPERATOR_NAMES)
+@hypothesis.given(seed=st.integers(0, 2**16), scale=st.sampled_from([-2.0, 0.5, 3.0]))
+def test_properties_under_jit_and_vmap(name, seed, scale):
+    op, dense, psd = _get_cached(name)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    u = random_like(k1, op.in_structure())
+    v = random_like(k2, op.in_structure())
+    tol = _tol(dense) * 10
+
+    au, av, auv, atv = _products(op, u, v, jnp.asarray(scale))
+    dot = lambda a, b: float(ravel(a) @ ravel(b))  # noqa: E731
+    norm_u, norm_v = float(jnp.linalg.norm(ravel(u))), float(jnp.linalg.norm(ravel(v)))
+    # symmetry
+    assert abs(dot(u, av) - dot(au, v)) <= tol * norm_u * norm_v
+    # linearity
+    np.testing.assert_allclose(
+        ravel(auv), ravel(au) + scale * ravel(av), atol=tol * (norm_u + 3 * norm_v)
+    )
+    # transpose is the same operator
+    np.testing.assert_allclose(ravel(atv), ravel(av), atol=tol * norm_v)
+    # positive semidefinite where tagged so
+    if psd:
+        assert dot(v, av) >= -tol * norm_v**2
+    # vmap over a batch of vectors, inside jit, agrees with one product at a time
+    batched = _batched_products(op, u, v)
+    for i, expected in enumerate([au, av]):
+        np.testing.assert_allclose(
+            ravel(jax.tree.map(lambda a, i=i: a[i], batched)),
+            ravel(expected),
+            atol=tol * max(norm_u, norm_v),
+        )
+
+
+_CACHE = {}
+
+
+def _get_cached(name):
+    if name not in _CACHE:
+        _CACHE[name] = _build(name, "layernorm", "softmax", seed=11)
+    return _CACHE[name]
+
+
+# --- lineax solvers ------------------------------------------------------------------
+
+
+SOLVERS = {
+    "cg": lx.CG(rtol=1e-12, atol=1e-12, max_steps=500),
+    "cholesky": lx.Cholesky(),
+    "lu": lx.LU(),
+    "auto": lx.AutoLinearSolver(well_posed=True),
+    "gmres": lx.GMRES(rtol=1e-12, atol=1e-12, max_steps=500),
+    "lsmr": lx.LSMR(rtol=1e-12, atol=1e-12, max_steps=500),
+}
+
+
+@pytest.mark.parametrize("inner", ["damped_ggn", "fisher_mc"])
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_linear_solve_matches_dense(solver, inner):
+    op, dense, _ = _get_cached(inner)
+    if inner == "fisher_mc":  # rank-deficient: damp it
+        op = eqx_curv.DampedOperator(op, 0.1)
+        dense = dense + 0.1 * jnp.eye(dense.shape[0])
+    b = random_like(jax.random.key(12), op.in_structure())
+    sol = lx.linear_solve(op, b, SOLVERS[solver])
+    assert sol.result == lx.RESULTS.successful
+    expected = jnp.linalg.solve(dense, ravel(b))
+    cond = float(jnp.linalg.cond(dense))
+    atol = cond * _tol(dense) * float(jnp.abs(expected).max()) * 100
+    np.testing.assert_allclose(ravel(sol.value), expected, atol=atol)
+
+
+def test_invert_matches_dense():
+    op, dense, _ = _get_cached("damped_ggn")
+    b = random_like(jax.random.key(13), op.in_structure())
+    out = lx.invert(op).mv(b)
+    expected = jnp.linalg.solve(dense, ravel(b))
+    np.testing.assert_allclose(ravel(out), expected, rtol=1e-8)
+    np.testing.assert_allclose(lx.materialise(op).as_matrix(), dense, atol=_tol(dense))
+    np.testing.assert_allclose(lx.diagonal(op), jnp.diag(dense), atol=_tol(dense))
+
+
+def test_indefinite_hessian_with_lu_and_cg_refuses():
+    op, dense, _ = _get_cached("hessian")
+    b = random_like(jax.random.key(14), op.in_structure())
+    sol = lx.linear_solve(op, b, lx.LU())
+    np.testing.assert_allclose(
+        dense @ ravel(sol.value), ravel(b), atol=float(jnp.linalg.cond(dense)) * 1e-13
+    )
+    with pytest.raises(ValueError, match="positive"):
+        lx.linear_solve(op, b, lx.CG(rtol=1e-8, atol=1e-8))
+
+
+def test_grad_through_cg_solve_matches_finite_differences():
+    model, loss, x, y = make_problem("layernorm", "softmax", jax.random.key(15))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    b = random_like(jax.random.key(16), params)
+    c = random_like(jax.random.key(17), params)
+    solver = lx.CG(rtol=1e-13, atol=1e-13, max_steps=1000)
+
+    def objective(params, damping):
+        op = eqx_curv.DampedOperator(
+            eqx_curv.GGNOperator(eqx.combine(params, static), loss, x, y), damping
+        )
+        sol = lx.linear_solve(op, b, solver).value
+        return ravel(sol) @ ravel(c)
+
+    damping = jnp.asarray(0.2)
+    grads = jax.jit(jax.grad(objective, argnums=(0, 1)))(params, damping)
+    direction = random_like(jax.random.key(18), params)
+    h = 1e-5
+    plus = objective(jax.tree.map(lambda p, d: p + h * d, params, direction), damping)
+    minus = objective(jax.tree.map(lambda p, d: p - h * d, params, direction), damping)
+    fd = (plus - minus) / (2 * h)
+    # central differences: O(h^2) truncation plus eps/h round-off
+    np.testing.assert_allclose(ravel(grads[0]) @ ravel(direction), fd, rtol=1e-6)
+    fd_damping = (objective(params, damping + h) - objective(params, damping - h)) / (
+        2 * h
+    )
+    np.testing.assert_allclose(grads[1], fd_damping, rtol=1e-6)
+
+
+def test_traced_damping_does_not_recompile():
+    op, dense, _ = _get_cached("ggn")
+    v = random_like(jax.random.key(19), op.in_structure())
+    traces = []
+
+    @eqx.filter_jit
+    def product(op, damping, v):
+        traces.append(None)
+        return eqx_curv.DampedOperator(op, damping).mv(v)
+
+    for damping in (0.1, 0.2):
+        out = product(op, jnp.asarray(damping), v)
+        np.testing.assert_allclose(
+            ravel(out),
+            (dense + damping * jnp.eye(dense.shape[0])) @ ravel(v),
+            atol=1e-12,
+        )
+    assert len(traces) == 1
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_vector_with_wrong_structure():
+    op, _, _ = _get_cached("ggn")
+    v = random_like(jax.random.key(20), op.in_structure())
+    with pytest.raises(ValueError, match="input structure"):
+        op.mv({"not": jnp.ones(3)})
+    wrong_dtype = jax.tree.map(lambda a: a.astype(jnp.float32), v)
+    with pytest.raises(ValueError, match="dtype"):
+        op.mv(wrong_dtype)
+    with pytest.raises(ValueError, match="input structure|shape"):
+        lx.linear_solve(op, {"not": jnp.ones(3)}, lx.Cholesky())
+
+
+def test_integer_params_rejected():
+    params = {"w": jnp.arange(3), "b": jnp.ones(2)}
+    with pytest.raises(TypeError, match=r"\['w'\] has dtype int"):
+        eqx_curv.HessianOperator(lambda p: jnp.sum(p["b"] ** 2), params)
+
+
+def test_hessian_needs_scalar_function():
+    with pytest.raises(ValueError, match="scalar"):
+        eqx_curv.HessianOperator(lambda p: p**2, jnp.ones(3))
+
+
+def test_loss_with_mismatched_targets_rejected():
+    model, loss, x, y = make_problem("mlp", "mse", jax.random.key(21))
+    with pytest.raises(ValueError, match="`targets` of `MeanSquaredError` must have"):
+        eqx_curv.GGNOperator(model, loss, x, y[:, :2])
+    with pytest.raises(ValueError, match="one entry per example"):
+        eqx_curv.EmpiricalFisherOperator(model, loss, x, y[:3])
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(21))
+    with pytest.raises(TypeError, match="integer class indices"):
+        eqx_curv.GGNOperator(model, loss, x, y.astype(jnp.float64))
+    with pytest.raises(TypeError, match="loss"):  # jaxtyping, or ours without it
+        eqx_curv.GGNOperator(model, lambda o, t: jnp.mean(o), x, y)  # pyright: ignore
+    with pytest.raises(ValueError, match="num_samples"):
+        eqx_curv.FisherOperator(model, loss, x, key=jax.random.key(0), num_samples=0)
+    with pytest.raises(ValueError, match="leading batch axis"):
+        eqx_curv.GGNOperator(model, loss, jnp.asarray(1.0), y)
+
+
+def test_damping_checks():
+    op, _, _ = _get_cached("ggn")
+    with pytest.raises(ValueError, match="non-negative"):
+        eqx_curv.DampedOperator(op, -1.0)
+    with pytest.raises(ValueError, match="scalar"):
+        eqx_curv.DampedOperator(op, jnp.ones(2))
+    nonsym = lx.MatrixLinearOperator(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="symmetric"):
+        eqx_curv.DampedOperator(nonsym, 1.0)
+    # Any symmetric lineax operator works, and keeps its PSD tag.
+    sym = lx.MatrixLinearOperator(
+        jnp.array([[2.0, 1.0], [1.0, 2.0]]),
+        (lx.symmetric_tag, lx.positive_semidefinite_tag),
+    )
+    damped = eqx_curv.DampedOperator(sym, 1.0)
+    assert lx.is_positive_semidefinite(damped)
+    np.testing.assert_allclose(damped.as_matrix(), jnp.array([[3.0, 1.0], [1.0, 3.0]]))
+    assert not lx.is_positive_semidefinite(
+        eqx_curv.DampedOperator(_get_cached("hessian")[0], 1.0)
+    )
+
+
+def test_hessian_closure_gradients_flow():
+    """Arrays closed over by `fn` are hoisted, so `jax.grad` reaches them."""
+    x0 = jnp.array([1.0, 2.0])
+
+    def solve_norm(data):
+        op = eqx_curv.HessianOperator(lambda p: jnp.sum(data * p**4), jnp.ones(2))
+        return jnp.sum(lx.linear_solve(op, jnp.ones(2), lx.LU()).value)
+
+    # H = diag(12 data), solution 1 / (12 data); d/d data = -1 / (12 data^2)
+    np.testing.assert_allclose(jax.grad(solve_norm)(x0), -1 / (12 * x0**2))
