@@ -210,6 +210,22 @@ def test_vmap_over_operators(getkey):
     np.testing.assert_allclose(solve(mats), expected, rtol=1e-6)
 
 
+def test_tolerances_may_be_ints_or_vmapped_arrays(getkey):
+    n = 10
+    a = _spd(getkey(), n, 100.0, jnp.float64)
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    op = lx.MatrixLinearOperator(a, PSD)
+    assert lx.linear_solve(op, b, eqx_curv.CG(rtol=1e-10, atol=0)).stats["num_steps"]
+
+    def steps(rtol):
+        return lx.linear_solve(op, b, eqx_curv.CG(rtol=rtol, atol=0.0)).stats[
+            "num_steps"
+        ]
+
+    loose, tight = jax.vmap(steps)(jnp.array([1e-2, 1e-12]))
+    assert 0 < loose < tight
+
+
 def test_grad_through_linear_solve_matches_finite_differences(getkey):
     n = 6
     base = jax.random.normal(getkey(), (n, n), jnp.float64)

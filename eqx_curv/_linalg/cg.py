@@ -15,7 +15,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, PyTree
+from jaxtyping import Array, ArrayLike, PyTree, Real
 
 
 _CGState: TypeAlias = lx.AbstractLinearOperator
@@ -152,8 +152,8 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     a symmetric operator is the same one).
     """
 
-    rtol: float
-    atol: float
+    rtol: Real[ArrayLike, ""]
+    atol: Real[ArrayLike, ""]
     max_steps: int | None = None
     recompute_every: int | None = None
 
@@ -178,7 +178,13 @@ class CG(lx.AbstractLinearSolver[_CGState]):
                 "`recompute_every` must be a positive int (the number of steps between "
                 f"recomputations of the true residual), got {self.recompute_every!r}."
             )
-        if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
+        if (
+            isinstance(self.rtol, (int, float))
+            and isinstance(self.atol, (int, float))
+            and self.rtol == 0
+            and self.atol == 0
+            and self.max_steps is None
+        ):
             raise ValueError(
                 "With `rtol=0` and `atol=0` the solve can only stop on `max_steps`; set "
                 "a tolerance or `max_steps`."
