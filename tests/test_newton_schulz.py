@@ -143,18 +143,18 @@ def test_newton_schulz_inverse_sqrt_flags_failure():
 def test_muon_float32_device(precision, shape, seed):
     matrix = jnp.asarray(with_singular_values(shape, 2e-3 * np.sqrt(min(shape)), seed))
     with jax.default_matmul_precision(precision):
-        check_muon(matrix.astype(jnp.float32))
+        check_muon(matrix.astype(jnp.float32))  # _ns is jitted once per shape
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["default", "highest"])
 @hypothesis.given(
-    n=st.sampled_from((32, 128, 512)),
+    n=st.sampled_from((128, 512)),
     cond=st.sampled_from(CONDS),
     seed=st.integers(0, 2**16),
 )
 def test_newton_schulz_inverse_sqrt_float32_device(precision, n, cond, seed):
     matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
     with jax.default_matmul_precision(precision):
-        result = jax.jit(eqx_curv.newton_schulz_inverse_sqrt)(matrix)
+        result = _ns_inv_sqrt(matrix)
     check_root(matrix, 2, result)

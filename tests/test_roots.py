@@ -214,13 +214,14 @@ def test_power_iteration_on_an_operator_and_signed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["default", "highest"])
 @hypothesis.given(
-    n=st.sampled_from((32, 128, 256, 512)),
+    n=st.sampled_from((128, 512)),
     cond=st.sampled_from(CONDS),
     p=st.integers(1, 8),
     seed=st.integers(0, 2**16),
 )
 def test_inverse_pth_root_float32_device(precision, n, cond, p, seed):
+    # At most 16 (n, p) compilations per precision, whatever the number of examples.
     matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
     with jax.default_matmul_precision(precision):
-        result = jax.jit(eqx_curv.inverse_pth_root, static_argnums=1)(matrix, p)
+        result = _root(matrix, p)
     check_root(matrix, p, result)

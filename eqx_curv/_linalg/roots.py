@@ -292,9 +292,10 @@ def inverse_pth_root(
     x = 0.5 * (x + x.T)
     converged = finite_input & (err <= fallback_tolerance)
 
-    fallback_dtype = (
-        jnp.float64 if fallback_in_float64 and jax.config.jax_enable_x64 else dtype
-    )
+    # float64 is only available in 64-bit mode (canonicalisation maps it to float32
+    # otherwise).
+    x64 = jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
+    fallback_dtype = jnp.float64 if fallback_in_float64 and x64 else dtype
 
     def newton_branch():
         return x, jnp.array(True)
