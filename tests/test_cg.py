@@ -355,8 +355,6 @@ def test_float32_million_unknowns_ggn_like_converges_where_lineax_fails():
 
 
 def _mlp_problem(key, dtype, widths, batch):
-    if not hasattr(eqx_curv, "GGNOperator"):  # until the operators land on main
-        pytest.skip("the curvature operators are not in this checkout yet")
     k1, k2, k3 = jax.random.split(key, 3)
     model = eqx.nn.MLP(
         widths[0], widths[-1], widths[1], len(widths) - 2, jnp.tanh, key=k1
