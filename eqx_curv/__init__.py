@@ -38,6 +38,15 @@ from ._operators.kronecker import (
     KroneckerOperator as KroneckerOperator,
 )
 from ._operators.woodbury import WoodburyOperator as WoodburyOperator
+from ._optimizers.diagonal_newton import DiagonalNewton as DiagonalNewton
+from ._optimizers.gradient_descent import GradientDescent as GradientDescent
+from ._optimizers.line_search import StrongWolfe as StrongWolfe
+from ._optimizers.newton import (
+    DampedNewton as DampedNewton,
+    Newton as Newton,
+    SaddleFreeNewton as SaddleFreeNewton,
+)
+from ._optimizers.quasi_newton import BFGS as BFGS, LBFGS as LBFGS
 
 
 __version__ = "0.1.0"

@@ -1,0 +1,209 @@
+r"""A line search satisfying the strong Wolfe conditions.
+
+Along a descent direction $p$ from $x$ (so $\phi'(0) = \nabla f(x)^\top p < 0$), it finds
+a step $\alpha > 0$ with
+
+$$\phi(\alpha) \le \phi(0) + c_1 \alpha \phi'(0), \qquad
+|\phi'(\alpha)| \le c_2 |\phi'(0)|, \qquad \phi(\alpha) = f(x + \alpha p).$$
+
+The algorithm is the bracketing-then-zoom search of Nocedal and Wright, *Numerical
+Optimization* (2nd ed., Springer 2006), Algorithms 3.5 and 3.6, with safeguarded cubic
+interpolation (their eq. 3.59). Both phases are one `lax.while_loop`: an upper end of the
+bracket that is not yet known is $+\infty$, and then the update rules of the two phases
+coincide; only the next trial differs (extrapolate while unbracketed, interpolate after).
+
+A trial at which $f$ or $\nabla f$ is not finite is treated as a step that went too far:
+it becomes the upper end of the bracket and the next trial bisects towards the last good
+step. The search therefore never returns a non-finite point.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+
+class _Trial(eqx.Module):
+    alpha: Float[Array, ""]
+    f: Float[Array, ""]
+    slope: Float[Array, ""]
+
+
+class _LoopState(eqx.Module):
+    lo: _Trial  # best step so far satisfying sufficient decrease (alpha = 0 at first)
+    hi: _Trial  # other end of the bracket; alpha = inf until one is found
+    grad_lo: Float[Array, " n"]
+    aux_lo: PyTree
+    alpha_next: Float[Array, ""]
+    num_evals: Int[Array, ""]
+    satisfied: Bool[Array, ""]
+    done: Bool[Array, ""]
+
+
+class LineSearchResult(eqx.Module):
+    """What [`eqx_curv.StrongWolfe`][] found.
+
+    `decreased` is true when `alpha > 0` and `f < f(x)`; `satisfied` when, in addition,
+    the curvature condition holds. When `decreased` is false the point is the incoming
+    one (`alpha = 0`).
+    """
+
+    alpha: Float[Array, ""]
+    f: Float[Array, ""]
+    grad: Float[Array, " n"]
+    aux: PyTree
+    num_evals: Int[Array, ""]
+    decreased: Bool[Array, ""]
+    satisfied: Bool[Array, ""]
+
+
+def _cubic_minimiser(a: _Trial, b: _Trial) -> Float[Array, ""]:
+    """Minimiser of the cubic matching value and slope at `a` and `b`, or NaN."""
+    d1 = a.slope + b.slope - 3 * (a.f - b.f) / (a.alpha - b.alpha)
+    disc = d1**2 - a.slope * b.slope
+    d2 = jnp.sign(b.alpha - a.alpha) * jnp.sqrt(jnp.maximum(disc, 0))
+    alpha = b.alpha - (b.alpha - a.alpha) * (b.slope + d2 - d1) / (
+        b.slope - a.slope + 2 * d2
+    )
+    return jnp.where(disc >= 0, alpha, jnp.nan)
+
+
+class StrongWolfe(eqx.Module):
+    r"""Line search for a step satisfying the strong Wolfe conditions.
+
+    Bracketing and zoom with safeguarded cubic interpolation (Nocedal and Wright,
+    *Numerical Optimization*, 2nd ed., 2006, Algorithms 3.5 and 3.6). Non-finite trials
+    shrink the step. If `max_evals` evaluations pass without meeting the curvature
+    condition, the best step found with sufficient decrease is returned (flagged
+    `satisfied=False`); if there is none, the step is zero (flagged `decreased=False`).
+
+    **Arguments:**
+
+    - `c1`: sufficient-decrease constant, $0 < c_1 < c_2$.
+    - `c2`: curvature constant, $c_1 < c_2 < 1$: 0.9 suits quasi-Newton and Newton
+        directions, 0.1 a nonlinear conjugate-gradient one.
+    - `max_evals`: most function-and-gradient evaluations per search.
+    - `max_step`: largest step the bracketing phase may try.
+    """
+
+    c1: float = 1e-4
+    c2: float = 0.9
+    max_evals: int = 30
+    max_step: float = 1e10
+
+    def __check_init__(self):
+        c1, c2 = self.c1, self.c2
+        if isinstance(c1, float | int) and isinstance(c2, float | int):
+            if not 0 < c1 < c2 < 1:
+                raise ValueError(
+                    f"`StrongWolfe` needs 0 < c1 < c2 < 1, got c1={c1}, c2={c2}. The "
+                    "usual choice is c1=1e-4 with c2=0.9 (Newton, quasi-Newton)."
+                )
+
+    def __call__(
+        self,
+        value_and_grad,
+        x: Float[Array, " n"],
+        f0: Float[Array, ""],
+        grad0: Float[Array, " n"],
+        aux0: PyTree,
+        direction: Float[Array, " n"],
+        alpha0: Float[Array, ""],
+    ) -> LineSearchResult:
+        """Search along `direction` from `x`.
+
+        **Arguments:**
+
+        - `value_and_grad`: `x -> (f, grad, aux)` on flat vectors.
+        - `x`, `f0`, `grad0`, `aux0`: the current point, its value, gradient and aux.
+        - `direction`: a descent direction ($\\nabla f^\\top p < 0$).
+        - `alpha0`: the first trial step.
+
+        **Returns:**
+
+        A `LineSearchResult`.
+        """
+        dtype = f0.dtype
+        slope0 = jnp.dot(grad0, direction)
+        c1 = jnp.asarray(self.c1, dtype)
+        c2 = jnp.asarray(self.c2, dtype)
+        max_step = jnp.asarray(self.max_step, dtype)
+        eps = jnp.finfo(dtype).eps
+        zero = jnp.zeros((), dtype)
+        init = _LoopState(
+            lo=_Trial(zero, f0, slope0),
+            hi=_Trial(jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype), zero),
+            grad_lo=grad0,
+            aux_lo=aux0,
+            alpha_next=jnp.minimum(jnp.asarray(alpha0, dtype), max_step),
+            num_evals=jnp.array(0),
+            satisfied=jnp.array(False),
+            # Not a descent direction: nothing to search.
+            done=~(slope0 < 0),
+        )
+
+        def cond(s):
+            return ~s.done
+
+        def body(s):
+            alpha = s.alpha_next
+            f, g, aux = value_and_grad(x + alpha * direction)
+            slope = jnp.dot(g, direction)
+            finite = jnp.isfinite(f) & jnp.isfinite(slope) & jnp.all(jnp.isfinite(g))
+            trial = _Trial(alpha, f, slope)
+            too_far = (
+                ~finite | (f > f0 + c1 * alpha * slope0) | (f >= s.lo.f)
+            )  # becomes the upper end of the bracket
+            curvature_ok = jnp.abs(slope) <= -c2 * slope0
+            accept = ~too_far & curvature_ok
+            # Moving past `lo` would go uphill: the old `lo` becomes the upper end.
+            flip = ~too_far & ~curvature_ok & (slope * (s.hi.alpha - s.lo.alpha) >= 0)
+            new_lo_is_trial = ~too_far
+            if_nonfinite = _Trial(alpha, jnp.asarray(jnp.inf, dtype), zero)
+            hi = jax.tree.map(
+                lambda t, lo, h, bad: jnp.where(
+                    too_far, jnp.where(finite, t, bad), jnp.where(flip, lo, h)
+                ),
+                trial,
+                s.lo,
+                s.hi,
+                if_nonfinite,
+            )
+            lo = jax.tree.map(lambda t, lo: jnp.where(new_lo_is_trial, t, lo), trial, s.lo)
+            grad_lo = jnp.where(new_lo_is_trial, g, s.grad_lo)
+            aux_lo = jax.tree.map(
+                lambda a, b: jnp.where(new_lo_is_trial, a, b), aux, s.aux_lo
+            )
+            bracketed = jnp.isfinite(hi.alpha)
+            # Next trial: interpolate inside the bracket, keeping 10% away from its
+            # ends; bisect if the cubic is unusable; extrapolate while unbracketed.
+            left = jnp.minimum(lo.alpha, hi.alpha)
+            width = jnp.abs(hi.alpha - lo.alpha)
+            cubic = _cubic_minimiser(lo, hi)
+            safe_cubic = jnp.clip(cubic, left + 0.1 * width, left + 0.9 * width)
+            interpolated = jnp.where(
+                jnp.isfinite(cubic) & jnp.isfinite(hi.f),
+                safe_cubic,
+                0.5 * (lo.alpha + jnp.where(bracketed, hi.alpha, 0)),
+            )
+            extrapolated = jnp.minimum(2 * lo.alpha, max_step)
+            alpha_next = jnp.where(bracketed, interpolated, extrapolated)
+            num_evals = s.num_evals + 1
+            collapsed = bracketed & (width <= eps * jnp.maximum(lo.alpha, 1))
+            at_cap = ~bracketed & (lo.alpha >= max_step)
+            done = accept | collapsed | at_cap | (num_evals >= self.max_evals)
+            return _LoopState(
+                lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, done
+            )
+
+        out = jax.lax.while_loop(cond, body, init)
+        decreased = (out.lo.alpha > 0) & (out.lo.f < f0)
+        return LineSearchResult(
+            alpha=out.lo.alpha,
+            f=out.lo.f,
+            grad=out.grad_lo,
+            aux=out.aux_lo,
+            num_evals=out.num_evals,
+            decreased=decreased,
+            satisfied=out.satisfied,
+        )

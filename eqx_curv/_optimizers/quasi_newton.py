@@ -1,0 +1,232 @@
+r"""BFGS and L-BFGS, with a strong-Wolfe line search.
+
+Notation: $s_k = x_{k+1} - x_k$, $y_k = \nabla f(x_{k+1}) - \nabla f(x_k)$,
+$\rho_k = 1 / (y_k^\top s_k)$. BFGS keeps the *inverse* Hessian approximation $B_k$ and
+updates it as
+
+$$B_{k+1} = (I - \rho_k s_k y_k^\top)\, B_k\, (I - \rho_k y_k s_k^\top)
+            + \rho_k s_k s_k^\top,$$
+
+which satisfies the secant condition $B_{k+1} y_k = s_k$ (so its inverse $H_{k+1}$
+satisfies $H_{k+1} s_k = y_k$) and stays positive definite when $y_k^\top s_k > 0$. A
+strong-Wolfe line search guarantees $y_k^\top s_k > 0$; should it not hold (a search that
+ran out of evaluations, or rounding), the update is skipped. L-BFGS applies the same
+matrix, built from the last $M$ pairs on top of $\gamma_k I$ with
+$\gamma_k = s_k^\top y_k / y_k^\top y_k$, to a vector by the two-loop recursion, without
+forming it. See Nocedal and Wright, *Numerical Optimization* (2nd ed., Springer 2006),
+Sections 6.1 and 7.2.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Float, Int, PyTree, Scalar
+
+from .line_search import StrongWolfe
+from .minimiser import (
+    AbstractLineSearchMinimiser,
+    MinimiserState,
+    check_step_size,
+    check_tolerances,
+    where_tree,
+)
+
+
+def _curvature_is_positive(s: Array, y: Array) -> Array:
+    """$y^\\top s > 0$ by a margin that rounding cannot fake."""
+    ys = jnp.dot(y, s)
+    eps = jnp.finfo(s.dtype).eps
+    return ys > eps * jnp.sqrt(jnp.dot(y, y) * jnp.dot(s, s))
+
+
+def bfgs_inverse_update(
+    inv_hessian: Float[Array, "n n"], s: Float[Array, " n"], y: Float[Array, " n"]
+) -> Float[Array, "n n"]:
+    r"""One BFGS update of the inverse Hessian approximation $B$ with the pair $(s, y)$.
+
+    Returns $B$ unchanged when $y^\top s \le 0$ (the update would lose positive
+    definiteness). Written as rank-two corrections, $O(n^2)$:
+    $B_+ = B - \rho (s (By)^\top + (By) s^\top) + (\rho^2 y^\top B y + \rho) s s^\top$.
+    """
+    ok = _curvature_is_positive(s, y)
+    rho = 1 / jnp.where(ok, jnp.dot(y, s), 1)
+    by = inv_hessian @ y
+    updated = (
+        inv_hessian
+        - rho * (jnp.outer(s, by) + jnp.outer(by, s))
+        + (rho**2 * jnp.dot(y, by) + rho) * jnp.outer(s, s)
+    )
+    return jnp.where(ok, updated, inv_hessian)
+
+
+class _BFGSMemory(eqx.Module):
+    inv_hessian: Float[Array, "n n"]
+    first: Array  # no update yet: scale the identity before the first one
+
+
+class AbstractBFGS(AbstractLineSearchMinimiser):
+    """BFGS on the inverse Hessian; see [`eqx_curv.BFGS`][]."""
+
+    def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
+        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), jnp.array(True))
+
+    def direction(self, value_fn, x, state: MinimiserState):
+        p = -(state.memory.inv_hessian @ state.grad)
+        # Before any curvature information a unit step along -g has no scale: cap
+        # the first step at unit length.
+        norm = jnp.sqrt(jnp.dot(state.grad, state.grad))
+        alpha0 = jnp.where(state.memory.first, jnp.minimum(1, 1 / norm), 1)
+        return p, alpha0
+
+    def update_memory(self, memory: _BFGSMemory, s, y, x_new, f, grad) -> _BFGSMemory:
+        b = memory.inv_hessian
+        if self.step_size is None:
+            # Before the first update, replace I by gamma I with
+            # gamma = s^T y / y^T y (Nocedal and Wright, eq. 6.20): the identity has no
+            # scale, and this sets it from the curvature just observed. Fixed-step mode
+            # keeps the page's plain I.
+            ok = _curvature_is_positive(s, y)
+            gamma = jnp.dot(s, y) / jnp.where(ok, jnp.dot(y, y), 1)
+            b = jnp.where(memory.first & ok, gamma * b, b)
+        updated = bfgs_inverse_update(b, s, y)
+        return _BFGSMemory(updated, memory.first & ~_curvature_is_positive(s, y))
+
+
+class BFGS(AbstractBFGS):
+    r"""The BFGS quasi-Newton method, keeping the inverse Hessian approximation.
+
+    Update rule: $x_{k+1} = x_k - \alpha_k B_k \nabla f(x_k)$ with $\alpha_k$ from a
+    strong-Wolfe line search (or `step_size`), then the BFGS update of $B_k$ (module
+    docstring above); $B_0 = I$, rescaled by $s_0^\top y_0 / y_0^\top y_0$ before the
+    first update when a line search is used. Dense $n \times n$: for small problems.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: stop when `norm(grad) <= atol + rtol * norm(grad(y0))`.
+    - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
+    - `step_size`: `None` (default) for the strong-Wolfe line search, or a fixed step
+        size (as on the reference page: 0.15, starting from $B_0 = I$).
+    - `search`: the [`eqx_curv.StrongWolfe`][] line search and its constants.
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    step_size: float | None = None
+    search: StrongWolfe = StrongWolfe()
+
+    def __check_init__(self):
+        check_tolerances(self.rtol, self.atol, "BFGS")
+        check_step_size(self.step_size, "BFGS")
+
+
+def lbfgs_two_loop(
+    s_history: Float[Array, "m n"],
+    y_history: Float[Array, "m n"],
+    rho_history: Float[Array, " m"],
+    newest: Int[Array, ""],
+    vector: Float[Array, " n"],
+) -> Float[Array, " n"]:
+    r"""$B v$ for the L-BFGS inverse Hessian $B$ stored as pairs, by the two-loop recursion.
+
+    The pairs live in a ring buffer; `newest` is the slot of the most recent pair. Unused
+    slots hold zeros ($\rho = 0$), which the recursion passes through unchanged. $B_0 =
+    \gamma I$ with $\gamma = s^\top y / y^\top y$ of the newest pair ($1$ with no pairs).
+    """
+    m = s_history.shape[0]
+    order = [(newest - j) % m for j in range(m)]  # newest to oldest
+    q = vector
+    alphas = []
+    for i in order:
+        a = rho_history[i] * jnp.dot(s_history[i], q)
+        q = q - a * y_history[i]
+        alphas.append(a)
+    s_new, y_new = s_history[newest], y_history[newest]
+    yy = jnp.dot(y_new, y_new)
+    gamma = jnp.where(rho_history[newest] > 0, jnp.dot(s_new, y_new) / yy, 1)
+    r = gamma * q
+    for i, a in zip(reversed(order), reversed(alphas)):
+        b = rho_history[i] * jnp.dot(y_history[i], r)
+        r = r + (a - b) * s_history[i]
+    return r
+
+
+class _LBFGSMemory(eqx.Module):
+    s: Float[Array, "m n"]
+    y: Float[Array, "m n"]
+    rho: Float[Array, " m"]
+    newest: Int[Array, ""]
+    num_pairs: Int[Array, ""]
+
+
+class AbstractLBFGS(AbstractLineSearchMinimiser):
+    """L-BFGS by the two-loop recursion; see [`eqx_curv.LBFGS`][]."""
+
+    memory_size: eqx.AbstractVar[int]
+
+    def init_memory(self, value_fn, x, f, grad) -> _LBFGSMemory:
+        m = self.memory_size
+        return _LBFGSMemory(
+            s=jnp.zeros((m, x.size), x.dtype),
+            y=jnp.zeros((m, x.size), x.dtype),
+            rho=jnp.zeros((m,), x.dtype),
+            newest=jnp.array(m - 1),
+            num_pairs=jnp.array(0),
+        )
+
+    def direction(self, value_fn, x, state: MinimiserState):
+        mem = state.memory
+        p = -lbfgs_two_loop(mem.s, mem.y, mem.rho, mem.newest, state.grad)
+        norm = jnp.sqrt(jnp.dot(state.grad, state.grad))
+        alpha0 = jnp.where(mem.num_pairs == 0, jnp.minimum(1, 1 / norm), 1)
+        return p, alpha0
+
+    def update_memory(self, memory: _LBFGSMemory, s, y, x_new, f, grad):
+        ok = _curvature_is_positive(s, y)
+        slot = (memory.newest + 1) % self.memory_size
+        rho = 1 / jnp.where(ok, jnp.dot(y, s), 1)
+        pushed = _LBFGSMemory(
+            s=memory.s.at[slot].set(s),
+            y=memory.y.at[slot].set(y),
+            rho=memory.rho.at[slot].set(rho),
+            newest=slot,
+            num_pairs=jnp.minimum(memory.num_pairs + 1, self.memory_size),
+        )
+        return where_tree(ok, pushed, memory)
+
+
+class LBFGS(AbstractLBFGS):
+    r"""Limited-memory BFGS: the BFGS inverse Hessian of the last `memory_size` pairs.
+
+    Update rule: $x_{k+1} = x_k - \alpha_k B_k \nabla f(x_k)$, where $B_k$ is the BFGS
+    inverse Hessian built from the last $M$ pairs $(s_i, y_i)$ on top of $\gamma_k I$,
+    $\gamma_k = s_{k-1}^\top y_{k-1} / y_{k-1}^\top y_{k-1}$, applied by the two-loop
+    recursion in $O(Mn)$ (Nocedal and Wright, Algorithm 7.4); $\alpha_k$ from a
+    strong-Wolfe line search (or `step_size`). Pairs with $y^\top s \le 0$ are not stored.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: stop when `norm(grad) <= atol + rtol * norm(grad(y0))`.
+    - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
+    - `memory_size`: the number of pairs $M$ kept (default 10).
+    - `step_size`: `None` (default) for the strong-Wolfe line search, or a fixed step.
+    - `search`: the [`eqx_curv.StrongWolfe`][] line search and its constants.
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    memory_size: int = eqx.field(static=True, default=10)
+    step_size: float | None = None
+    search: StrongWolfe = StrongWolfe()
+
+    def __check_init__(self):
+        check_tolerances(self.rtol, self.atol, "LBFGS")
+        check_step_size(self.step_size, "LBFGS")
+        if not (isinstance(self.memory_size, int) and self.memory_size >= 1):
+            raise ValueError(
+                f"`LBFGS` needs `memory_size` to be a positive int, got "
+                f"{self.memory_size!r}; 5 to 20 is usual."
+            )
