@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
+from .._operators.diagonal import exact_diagonal
 from .._operators.hessian import HessianOperator
 from .line_search import StrongWolfe
 from .minimiser import (
@@ -15,13 +16,6 @@ from .minimiser import (
     check_step_size,
     check_tolerances,
 )
-
-
-def _exact_diagonal(operator):
-    # Imported here: `eqx_curv.exact_diagonal` lives with the operators.
-    from .._operators.diagonal import exact_diagonal
-
-    return exact_diagonal(operator)
 
 
 class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
@@ -33,7 +27,7 @@ class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
         return None
 
     def direction(self, value_fn, x, state: MinimiserState):
-        diagonal = _exact_diagonal(HessianOperator(value_fn, x))
+        diagonal = exact_diagonal(HessianOperator(value_fn, x))
         # |h_ii| so that negative curvature does not turn the step uphill; floored so
         # that a zero curvature (a flat coordinate) never divides.
         scale = jnp.max(jnp.abs(diagonal))

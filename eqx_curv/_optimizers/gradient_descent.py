@@ -26,7 +26,9 @@ class AbstractGradientDescent(AbstractLineSearchMinimiser):
     def init_memory(self, value_fn, x, f, grad) -> _StepMemory:
         norm = jnp.sqrt(jnp.dot(grad, grad))
         # A first step of unit length in x.
-        return _StepMemory(jnp.minimum(1, 1 / jnp.maximum(norm, jnp.finfo(x.dtype).tiny)))
+        return _StepMemory(
+            jnp.minimum(1, 1 / jnp.maximum(norm, jnp.finfo(x.dtype).tiny))
+        )
 
     def direction(self, value_fn, x, state: MinimiserState):
         # Steepest descent directions have no natural scale: start each search from

@@ -169,7 +169,9 @@ class StrongWolfe(eqx.Module):
                 s.hi,
                 if_nonfinite,
             )
-            lo = jax.tree.map(lambda t, lo: jnp.where(new_lo_is_trial, t, lo), trial, s.lo)
+            lo = jax.tree.map(
+                lambda t, lo: jnp.where(new_lo_is_trial, t, lo), trial, s.lo
+            )
             grad_lo = jnp.where(new_lo_is_trial, g, s.grad_lo)
             aux_lo = jax.tree.map(
                 lambda a, b: jnp.where(new_lo_is_trial, a, b), aux, s.aux_lo

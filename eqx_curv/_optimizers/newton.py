@@ -151,7 +151,9 @@ def _abs_floored(values: Array) -> Array:
     """$|\\lambda|$, floored so that no division by a zero curvature happens."""
     scale = jnp.max(jnp.abs(values))
     floor = values.size * jnp.finfo(values.dtype).eps * scale
-    return jnp.maximum(jnp.abs(values), jnp.maximum(floor, jnp.finfo(values.dtype).tiny))
+    return jnp.maximum(
+        jnp.abs(values), jnp.maximum(floor, jnp.finfo(values.dtype).tiny)
+    )
 
 
 def _trust_region_step(
@@ -263,7 +265,9 @@ class AbstractSaddleFreeNewton(AbstractClassicalMinimiser):
             (
                 _TrustRegionMemory(new_state.memory.eigen, radius),
                 jnp.where(keep_going, False, new_state.terminate),
-                optx.RESULTS.where(keep_going, optx.RESULTS.successful, new_state.result),
+                optx.RESULTS.where(
+                    keep_going, optx.RESULTS.successful, new_state.result
+                ),
             ),
         )
         x_new = jnp.where(accept, x + p, x)
