@@ -12,10 +12,10 @@ import pytest
 import eqx_curv
 from eqx_curv._optimizers.quasi_newton import bfgs_inverse_update, lbfgs_two_loop
 from eqx_curv.experiments.problems import (
-    BEALE_START,
     beale,
-    QUARTIC_START,
+    BEALE_START,
     quartic,
+    QUARTIC_START,
     rosenbrock,
     rosenbrock_start,
 )

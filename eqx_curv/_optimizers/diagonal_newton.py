@@ -12,9 +12,9 @@ from .._operators.hessian import HessianOperator
 from .line_search import StrongWolfe
 from .minimiser import (
     AbstractLineSearchMinimiser,
-    MinimiserState,
     check_step_size,
     check_tolerances,
+    MinimiserState,
 )
 
 

@@ -10,9 +10,9 @@ from jaxtyping import Array, Float, PyTree, Scalar
 from .line_search import StrongWolfe
 from .minimiser import (
     AbstractLineSearchMinimiser,
-    MinimiserState,
     check_step_size,
     check_tolerances,
+    MinimiserState,
 )
 
 

@@ -27,10 +27,10 @@ from .line_search import StrongWolfe
 from .minimiser import (
     AbstractClassicalMinimiser,
     AbstractLineSearchMinimiser,
-    MinimiserState,
     all_finite,
     check_step_size,
     check_tolerances,
+    MinimiserState,
     scalar_fn_flat,
     value_and_grad_flat,
 )

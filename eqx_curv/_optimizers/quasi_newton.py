@@ -27,9 +27,9 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 from .line_search import StrongWolfe
 from .minimiser import (
     AbstractLineSearchMinimiser,
-    MinimiserState,
     check_step_size,
     check_tolerances,
+    MinimiserState,
     where_tree,
 )
 
