@@ -22,10 +22,12 @@ _CGState: TypeAlias = lx.AbstractLinearOperator
 
 
 def _dot(x: PyTree[Array], y: PyTree[Array]) -> Array:
-    # XLA lowers a float32 vector dot to a blocked / tree reduction on CPU and GPU, so
-    # its relative error stays at a few float32 ulps up to 10^7 elements (measured in
-    # docs/solvers.md); no compensated summation is needed. HIGHEST keeps GPUs from
-    # using reduced-precision passes.
+    # XLA lowers a float32 vector dot to a blocked, tree-shaped reduction: measured on
+    # the CPU, its relative error stays at 1e-8 to 1e-7 up to 10^7 elements, where a
+    # sequential float32 sum is off by 1e-2 (docs/solvers.md). A hand-written blocked
+    # sum was no more accurate and 1.5x slower, so none is used. (GPU reductions are
+    # tree-shaped too; not measured here.) HIGHEST keeps GPUs from reduced-precision
+    # passes.
     parts = [
         jnp.vdot(a, b, precision=lax.Precision.HIGHEST)
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
