@@ -165,3 +165,26 @@ def test_bad_factors_raise():
     op = eqx_curv.KroneckerOperator(jnp.eye(2), jnp.eye(3))
     with pytest.raises(ValueError, match="structure"):
         op.mv(jnp.ones((3, 2)))
+
+
+def test_damped_operator_of_a_kronecker_product():
+    # DampedOperator keeps the PSD tag, so CG and Cholesky accept A ⊗ B + lam I.
+    a, b = psd_factor(5, 6), psd_factor(4, 7)
+    lam = 0.05
+    op = eqx_curv.DampedOperator(
+        eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b)), lam
+    )
+    assert lx.is_positive_semidefinite(op)
+    g = np.random.default_rng(3).standard_normal((5, 4))
+    expected = np.linalg.solve(np.kron(a, b) + lam * np.eye(20), vec(g))
+    for solver in (
+        lx.CG(rtol=1e-12, atol=1e-12),
+        eqx_curv.CG(rtol=1e-12, atol=1e-12, max_steps=200),
+        lx.Cholesky(),
+    ):
+        sol = lx.linear_solve(op, jnp.asarray(g), solver).value
+        np.testing.assert_allclose(vec(sol), expected, rtol=1e-8)
+    exact = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b)).damped_inverse(
+        lam
+    )
+    np.testing.assert_allclose(vec(exact.mv(jnp.asarray(g))), expected, rtol=1e-9)
