@@ -150,7 +150,8 @@ class TinyViT(eqx.Module):
                 f"`x` must be a square image whose side is a multiple of the patch "
                 f"size {self.patch_size}, but has shape {x.shape}."
             )
-        patches = self.patch_embed(jnp.transpose(x, (2, 0, 1)))  # [features, g, g]
+        x = jnp.transpose(x, (2, 0, 1)).astype(self.patch_embed.weight.dtype)
+        patches = self.patch_embed(x)  # [features, grid, grid]
         features, grid, _ = patches.shape
         tokens = patches.reshape(features, grid * grid).T
         tokens = tokens + sincos_position_embedding(features, grid).astype(tokens.dtype)
