@@ -180,6 +180,17 @@ def main():
             ratio = f"{ms / median[(name, 'direct')]:.3f}"
         print(f"{name:<26}{variant:<12}{ms:>9.2f}{ms / grad_ms:>12.2f}{ratio:>13}")
 
+    overhead = max(median[(n, "operator")] / median[(n, "direct")] for n in builders)
+    targets = [
+        ("operator / direct, worst row", overhead, 1.05),
+        ("GGN-vp / gradient", median[("GGN-vp", "operator")] / grad_ms, 2.5),
+        ("HVP / gradient", median[("HVP", "operator")] / grad_ms, 4.0),
+    ]
+    print()
+    for label, value, bound in targets:
+        verdict = "met" if value <= bound else "NOT met"
+        print(f"target {label}: {value:.2f} <= {bound} {verdict}")
+
 
 def _jitted(fn, *args):
     compiled = eqx.filter_jit(fn)
