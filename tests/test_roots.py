@@ -225,3 +225,24 @@ def test_inverse_pth_root_float32_device(precision, n, cond, p, seed):
     with jax.default_matmul_precision(precision):
         result = _root(matrix, p)
     check_root(matrix, p, result)
+
+
+def test_ridge_epsilon_may_be_traced():
+    # A traced ridge (e.g. vmapped over a sweep) works without recompiling per value.
+    matrix = jnp.asarray(spd(32, 1e8, 6), jnp.float32)
+    roots = jax.jit(
+        jax.vmap(lambda eps: eqx_curv.inverse_pth_root(matrix, 2, ridge_epsilon=eps))
+    )(jnp.asarray([1e-4, 1e-6], jnp.float32))
+    for i, eps in enumerate((1e-4, 1e-6)):
+        result = jax.tree.map(lambda x, i=i: x[i], roots)
+        np.testing.assert_allclose(float(result.ridge), eps, rtol=1e-3)
+        check_root(matrix, 2, result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [512, 1024])
+@pytest.mark.parametrize("p", [3, 4, 7])
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+def test_inverse_pth_root_large(n, p, cond):
+    matrix = jnp.asarray(spd(n, cond, n + p), jnp.float32)
+    check_root(matrix, p, _root(matrix, p))

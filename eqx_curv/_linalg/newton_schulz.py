@@ -2,7 +2,7 @@ r"""Newton-Schulz iterations: orthogonalisation (Muon) and the inverse square ro
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from .roots import (
     check_matrix,
@@ -102,7 +102,7 @@ def newton_schulz(
 def newton_schulz_inverse_sqrt(
     matrix: Float[Array, "n n"],
     *,
-    ridge_epsilon: float = 1e-6,
+    ridge_epsilon: Real[ArrayLike, ""] = 1e-6,
     max_steps: int = 100,
     tolerance: float | None = None,
     fallback_tolerance: float | None = None,

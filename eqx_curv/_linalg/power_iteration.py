@@ -4,7 +4,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -84,7 +83,7 @@ def power_iteration(
         )
     matvec, n, dtype = _flat_matvec(matrix)
     if rtol is None:
-        rtol = float(np.sqrt(np.finfo(dtype).eps))
+        rtol = float(jnp.finfo(dtype).eps) ** 0.5
     v0 = jax.random.normal(key, (n,), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
     w0 = matvec(v0)

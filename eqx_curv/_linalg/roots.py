@@ -7,8 +7,7 @@ exact integer powers; an eigendecomposition is the fallback when it does not con
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
 from .power_iteration import power_iteration
 
@@ -113,7 +112,7 @@ def default_tolerances(dtype, n, tolerance, fallback_tolerance):
     # The Frobenius residual of these iterations bottoms out near p * eps * sqrt(n);
     # stopping at eps * sqrt(n) is at that level, and accepting up to
     # sqrt(eps) * sqrt(n) / 10 leaves a factor of about 1 / (3 p sqrt(eps)) of margin.
-    eps = float(np.finfo(dtype).eps)
+    eps = float(jnp.finfo(dtype).eps)
     if tolerance is None:
         tolerance = eps * n**0.5
     if fallback_tolerance is None:
@@ -138,7 +137,7 @@ def ridge_and_scale(matrix, p, ridge_epsilon, power_iteration_steps, key):
     # Non-finite entries would poison every product; iterate on the identity instead
     # and report the input as invalid.
     matrix = jnp.where(finite_input, 0.5 * (matrix + matrix.T), identity)
-    eps = float(np.finfo(matrix.dtype).eps)
+    eps = float(jnp.finfo(matrix.dtype).eps)
     lam_max, _ = power_iteration(
         matrix, key, max_steps=power_iteration_steps, rtol=10 * eps
     )
@@ -196,7 +195,7 @@ def inverse_pth_root(
     matrix: Float[Array, "n n"],
     p: int,
     *,
-    ridge_epsilon: float = 1e-6,
+    ridge_epsilon: Real[ArrayLike, ""] = 1e-6,
     max_steps: int = 100,
     tolerance: float | None = None,
     fallback_tolerance: float | None = None,

@@ -7,7 +7,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
 from .base import AbstractCurvatureOperator
@@ -146,7 +145,7 @@ class EighOperator(AbstractCurvatureOperator):
         """
         w = self.eigenvalues
         if rtol is None:
-            rtol = w.shape[0] * float(np.finfo(w.dtype).eps)
+            rtol = w.shape[0] * float(jnp.finfo(w.dtype).eps)
         elif _concrete(rtol) is not None and not rtol >= 0:
             raise ValueError(f"`rtol` must be non-negative, but is {rtol}.")
         keep = jnp.abs(w) > rtol * jnp.max(jnp.abs(w))
