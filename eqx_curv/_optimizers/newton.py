@@ -1,8 +1,8 @@
 r"""Newton's method, its damped form, and the saddle-free (|H|) trust-region form.
 
-Curvature comes from [`eqx_curv.HessianOperator`][] (Hessian-vector products by
+Curvature comes from `eqx_curv.HessianOperator` (Hessian-vector products by
 forward-over-reverse), solved against with `lineax`; the damped form wraps it in
-[`eqx_curv.DampedOperator`][]. `Newton` and `DampedNewton` search along their direction
+`eqx_curv.DampedOperator`. `Newton` and `DampedNewton` search along their direction
 with the strong-Wolfe line search (falling back to $-\nabla f$ where the Hessian is not
 positive definite and the Newton direction goes uphill); `SaddleFreeNewton` uses a trust
 region on the model with $|H|$.
@@ -62,7 +62,7 @@ class AbstractNewton(AbstractLineSearchMinimiser):
 class Newton(AbstractNewton):
     r"""Newton's method: $x_{k+1} = x_k - \alpha_k H_k^{-1} \nabla f(x_k)$.
 
-    $H_k$ is the exact Hessian ([`eqx_curv.HessianOperator`][]); the solve uses
+    $H_k$ is the exact Hessian (`eqx_curv.HessianOperator`); the solve uses
     `linear_solver` (by default LU on the materialised Hessian, for small dense
     problems; pass e.g. `lineax.CG` for large positive-definite ones). $\alpha_k$ comes
     from the strong-Wolfe line search with first trial 1; where the Newton direction is

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 # name -> module (relative to this package). Register new subcommands here.
 SUBCOMMANDS: dict[str, str] = {
     "compare": ".compare",
+    "toy2d": ".toy2d",
 }
 
 

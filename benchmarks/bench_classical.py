@@ -1,0 +1,253 @@
+"""Classical minimisers side by side: eqx_curv vs scipy, optax and optimistix.
+
+Problems (float64, CPU): Rosenbrock 2-D and 100-D from (-1.2, 1, ...) and the reference
+page's quartic from (-0.9, 0.4). Each solver runs to a gradient norm of about 1e-8 (the
+tolerance each library offers for that, noted per row) and the table gives
+
+- `iters`: iterations (for optimistix, accepted steps: its `num_steps` counts function
+  evaluations, since each of its steps evaluates once);
+- `f+g`: value-and-gradient evaluations (scipy: `nfev`; optax: line-search steps + 1);
+- `hess`: Hessian evaluations where counted (eqx_curv Newton: one per iteration;
+  eqx_curv SaddleFreeNewton: one per accepted step, at most `iters + 1`);
+- `ms`: wall time of the whole solve, median of repeats after a warm-up. JAX solvers are
+  one jitted call; scipy drives jitted JAX callbacks from its host loop;
+- `f`, `|g|`: final value and 2-norm of the gradient (the global minimum is 0 for
+  Rosenbrock; 3.99 is its local minimum).
+
+Run: `python benchmarks/bench_classical.py [--repeats N]`. Timings depend on the machine
+and its load; compare ratios within one run.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optimistix as optx  # noqa: E402
+import scipy.optimize  # noqa: E402
+
+import eqx_curv  # noqa: E402
+from eqx_curv.experiments.problems import (  # noqa: E402
+    quartic,
+    QUARTIC_START,
+    rosenbrock,
+    rosenbrock_start,
+)
+
+
+GTOL = 1e-8
+
+
+def _time(call, repeats):
+    call()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _finish(fn, x):
+    x = jnp.asarray(x)
+    return float(fn(x)), float(jnp.linalg.norm(jax.grad(fn)(x)))
+
+
+def ours(fn, x0, solver, repeats, hess_per_iter):
+    @jax.jit
+    def solve(x0):
+        return optx.minimise(
+            lambda y, _: fn(y), solver, x0, max_steps=5000, throw=False
+        )
+
+    def call():
+        sol = solve(x0)
+        jax.block_until_ready(sol.value)
+        return sol
+
+    ms = _time(call, repeats)
+    sol = call()
+    iters = int(sol.stats["num_steps"])
+    return dict(
+        iters=iters,
+        fg=int(sol.stats["num_fn_evals"]),
+        hess=hess_per_iter(sol, iters),
+        ms=ms,
+        final=_finish(fn, sol.value),
+    )
+
+
+def optimistix_solver(fn, x0, solver, repeats):
+    @jax.jit
+    def solve(x0):
+        return optx.minimise(
+            lambda y, _: fn(y), solver, x0, max_steps=20000, throw=False
+        )
+
+    def call():
+        sol = solve(x0)
+        jax.block_until_ready(sol.value)
+        return sol
+
+    ms = _time(call, repeats)
+    sol = call()
+    return dict(
+        iters=int(sol.state.num_accepted_steps),
+        fg=int(sol.stats["num_steps"]),
+        hess=None,
+        ms=ms,
+        final=_finish(fn, sol.value),
+    )
+
+
+def optax_lbfgs(fn, x0, repeats):
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fn)
+
+    @jax.jit
+    def solve(x0):
+        def cond(carry):
+            _, state, k, _ = carry
+            grad = optax.tree_utils.tree_get(state, "grad")
+            return (k == 0) | ((k < 5000) & (jnp.linalg.norm(grad) > GTOL))
+
+        def body(carry):
+            x, state, k, evals = carry
+            value, grad = value_and_grad(x, state=state)
+            updates, state = opt.update(
+                grad, state, x, value=value, grad=grad, value_fn=fn
+            )
+            steps = optax.tree_utils.tree_get(state, "num_linesearch_steps")
+            return optax.apply_updates(x, updates), state, k + 1, evals + steps
+
+        carry = (x0, opt.init(x0), jnp.array(0), jnp.array(1))
+        return jax.lax.while_loop(cond, body, carry)
+
+    def call():
+        out = solve(x0)
+        jax.block_until_ready(out[0])
+        return out
+
+    ms = _time(call, repeats)
+    x, _, k, evals = call()
+    return dict(iters=int(k), fg=int(evals), hess=None, ms=ms, final=_finish(fn, x))
+
+
+def scipy_solver(fn, x0, method, repeats):
+    f = jax.jit(fn)
+    g = jax.jit(jax.grad(fn))
+    h = jax.jit(jax.hessian(fn))
+    kwargs = dict(
+        fun=lambda x: float(f(x)),
+        x0=np.asarray(x0),
+        jac=lambda x: np.asarray(g(x)),
+        method=method,
+    )
+    if method in ("trust-exact", "Newton-CG"):
+        kwargs["hess"] = lambda x: np.asarray(h(x))
+    kwargs["options"] = {
+        "BFGS": {"gtol": GTOL, "maxiter": 5000},
+        "L-BFGS-B": {"gtol": GTOL, "ftol": 0.0, "maxiter": 5000, "maxfun": 20000},
+        "trust-exact": {"gtol": GTOL, "maxiter": 5000},
+        "Newton-CG": {"xtol": 1e-14, "maxiter": 5000},
+    }[method]
+
+    def call():
+        return scipy.optimize.minimize(**kwargs)
+
+    ms = _time(call, repeats)
+    res = call()
+    return dict(
+        iters=int(res.nit),
+        fg=int(res.nfev),
+        hess=int(getattr(res, "nhev", 0)) or None,
+        ms=ms,
+        final=_finish(fn, res.x),
+    )
+
+
+def _hessians_per_step(sol, iters):
+    return iters
+
+
+def _solvers():
+    """(name, run(fn, x0, repeats)) for every solver in the table."""
+    tol = dict(rtol=0.0, atol=GTOL, norm=optx.two_norm)
+    none = lambda sol, iters: None  # noqa: E731
+    return [
+        ("eqx_curv BFGS", lambda f, x, r: ours(f, x, eqx_curv.BFGS(**tol), r, none)),
+        ("eqx_curv LBFGS", lambda f, x, r: ours(f, x, eqx_curv.LBFGS(**tol), r, none)),
+        (
+            "eqx_curv Newton",
+            lambda f, x, r: ours(f, x, eqx_curv.Newton(**tol), r, _hessians_per_step),
+        ),
+        (
+            "eqx_curv SaddleFreeNewton",
+            lambda f, x, r: ours(f, x, eqx_curv.SaddleFreeNewton(**tol), r, none),
+        ),
+        ("scipy BFGS", lambda f, x, r: scipy_solver(f, x, "BFGS", r)),
+        ("scipy L-BFGS-B", lambda f, x, r: scipy_solver(f, x, "L-BFGS-B", r)),
+        ("scipy trust-exact", lambda f, x, r: scipy_solver(f, x, "trust-exact", r)),
+        ("scipy Newton-CG", lambda f, x, r: scipy_solver(f, x, "Newton-CG", r)),
+        ("optax.lbfgs", optax_lbfgs),
+        (
+            "optimistix BFGS",
+            lambda f, x, r: optimistix_solver(
+                f, x, optx.BFGS(rtol=1e-12, atol=1e-12), r
+            ),
+        ),
+        (
+            "optimistix LBFGS",
+            lambda f, x, r: optimistix_solver(
+                f, x, optx.LBFGS(rtol=1e-12, atol=1e-12), r
+            ),
+        ),
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    problems = [
+        ("Rosenbrock 2-D", rosenbrock, rosenbrock_start(2)),
+        ("Rosenbrock 100-D", rosenbrock, rosenbrock_start(100)),
+        ("quartic (page)", quartic, jnp.asarray(QUARTIC_START)),
+    ]
+    rows = []
+    for pname, fn, x0 in problems:
+        for sname, run in _solvers():
+            r = run(lambda x, fn=fn: fn(x), x0, args.repeats)
+            rows.append((pname, sname, r))
+            print(_format(pname, sname, r), flush=True)
+    print()
+    print(_header())
+    for pname, sname, r in rows:
+        print(_format(pname, sname, r))
+
+
+def _header():
+    return (
+        f"{'problem':<18} {'solver':<26} {'iters':>6} {'f+g':>6} {'hess':>5} "
+        f"{'ms':>9} {'f':>10} {'|g|':>8}"
+    )
+
+
+def _format(pname, sname, r):
+    hess = "" if r["hess"] is None else str(r["hess"])
+    f, g = r["final"]
+    return (
+        f"{pname:<18} {sname:<26} {r['iters']:>6} {r['fg']:>6} {hess:>5} "
+        f"{r['ms']:>9.2f} {f:>10.3g} {g:>8.1e}"
+    )
+
+
+if __name__ == "__main__":
+    main()
