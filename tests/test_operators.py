@@ -205,6 +205,7 @@ def _get_cached(name):
 
 SOLVERS = {
     "cg": lx.CG(rtol=1e-12, atol=1e-12, max_steps=500),
+    "eqx_curv_cg": eqx_curv.CG(rtol=1e-12, atol=1e-12, max_steps=500),
     "cholesky": lx.Cholesky(),
     "lu": lx.LU(),
     "auto": lx.AutoLinearSolver(well_posed=True),
@@ -216,7 +217,7 @@ SOLVERS = {
 @pytest.mark.parametrize(
     "solver,inner",
     [(s, "damped_ggn") for s in sorted(SOLVERS)]
-    + [("cg", "fisher_mc"), ("lu", "fisher_mc")],
+    + [("cg", "fisher_mc"), ("eqx_curv_cg", "fisher_mc"), ("lu", "fisher_mc")],
 )
 def test_linear_solve_matches_dense(solver, inner):
     op, dense, _ = _get_cached(inner)
