@@ -87,23 +87,20 @@ def ours(fn, x0, solver, repeats, hess_per_iter):
 def optimistix_solver(fn, x0, solver, repeats):
     @jax.jit
     def solve(x0):
-        return optx.minimise(
+        sol = optx.minimise(
             lambda y, _: fn(y), solver, x0, max_steps=20000, throw=False
         )
+        return sol.value, sol.state.num_accepted_steps, sol.stats["num_steps"]
 
     def call():
-        sol = solve(x0)
-        jax.block_until_ready(sol.value)
-        return sol
+        out = solve(x0)
+        jax.block_until_ready(out[0])
+        return out
 
     ms = _time(call, repeats)
-    sol = call()
+    value, accepted, evals = call()
     return dict(
-        iters=int(sol.state.num_accepted_steps),
-        fg=int(sol.stats["num_steps"]),
-        hess=None,
-        ms=ms,
-        final=_finish(fn, sol.value),
+        iters=int(accepted), fg=int(evals), hess=None, ms=ms, final=_finish(fn, value)
     )
 
 

@@ -251,7 +251,7 @@ BUDGETS = {
     ("BFGS", "rosenbrock2"): 34,
     ("LBFGS", "rosenbrock2"): 38,
     ("Newton", "rosenbrock2"): 24,
-    ("SaddleFreeNewton", "rosenbrock2"): 28,
+    ("SaddleFreeNewton", "rosenbrock2"): 25,
     ("BFGS", "beale"): 15,
     ("LBFGS", "beale"): 19,
     ("Newton", "beale"): 10,
