@@ -263,7 +263,7 @@ BUDGETS = {
     ("SaddleFreeNewton", "quartic"): 9,
     ("DiagonalNewton", "quartic"): 14,
     ("LBFGS", "rosenbrock100"): 560,
-    ("BFGS", "rosenbrock100"): 600,
+    ("BFGS", "rosenbrock100"): 540,
     ("Newton", "rosenbrock100"): 210,
 }
 _DEFAULT = {("LBFGS", "rosenbrock100")}
