@@ -382,7 +382,10 @@ def test_bad_hyperparameters_raise(make):
 def test_quartic_multipliers_are_the_pages_draw():
     from eqx_curv.experiments.problems import quartic_multipliers
 
-    with jax.threefry_partitionable(False):
+    legacy = getattr(jax, "threefry_partitionable", None)
+    if legacy is None:
+        pytest.skip("this JAX has no switch back to the pre-0.5 threefry draws")
+    with legacy(False):
         draw = jax.random.uniform(jax.random.PRNGKey(1), (8,), dtype=jnp.float32)
     expected = draw.at[3].set(1.0).at[7].set(1.0)
     np.testing.assert_array_equal(quartic_multipliers(jnp.float32), expected)
