@@ -20,6 +20,7 @@ Sections 6.1 and 7.2.
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
@@ -131,21 +132,24 @@ def lbfgs_two_loop(
     \gamma I$ with $\gamma = s^\top y / y^\top y$ of the newest pair ($1$ with no pairs).
     """
     m = s_history.shape[0]
-    order = [(newest - j) % m for j in range(m)]  # newest to oldest
-    q = vector
-    alphas = []
-    for i in order:
+
+    def backward(j, carry):
+        q, alphas = carry
+        i = (newest - j) % m
         a = rho_history[i] * jnp.dot(s_history[i], q)
-        q = q - a * y_history[i]
-        alphas.append(a)
+        return q - a * y_history[i], alphas.at[i].set(a)
+
+    q, alphas = jax.lax.fori_loop(0, m, backward, (vector, jnp.zeros_like(rho_history)))
     s_new, y_new = s_history[newest], y_history[newest]
     yy = jnp.dot(y_new, y_new)
     gamma = jnp.where(rho_history[newest] > 0, jnp.dot(s_new, y_new) / yy, 1)
-    r = gamma * q
-    for i, a in zip(reversed(order), reversed(alphas)):
+
+    def forward(j, r):
+        i = (newest + 1 + j) % m
         b = rho_history[i] * jnp.dot(y_history[i], r)
-        r = r + (a - b) * s_history[i]
-    return r
+        return r + (alphas[i] - b) * s_history[i]
+
+    return jax.lax.fori_loop(0, m, forward, gamma * q)
 
 
 class _LBFGSMemory(eqx.Module):
