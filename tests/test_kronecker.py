@@ -56,7 +56,9 @@ def test_kronecker_identities(shape, seed):
         want = dense_power(dense, q)
         kappa = np.linalg.cond(dense)
         atol = 10 * np.finfo(np.float64).eps * kappa * np.abs(want).max()
-        np.testing.assert_allclose(np.asarray(got.as_matrix()), want, rtol=1e-8, atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(got.as_matrix()), want, rtol=1e-8, atol=atol
+        )
     # Exact damped inverse and damped powers through the eigenbases.
     lam = 0.3
     damped = dense + lam * np.eye(m * n)
