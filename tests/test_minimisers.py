@@ -135,7 +135,7 @@ def test_lbfgs_two_loop_equals_dense_inverse_bfgs(seed, num_pairs, extra_memory)
     for s, y in pairs:
         dense = bfgs_inverse_update(dense, s, y)
     v = jax.random.normal(keys[-1], (n,))
-    got = lbfgs_two_loop(memory.s, memory.y, memory.rho, memory.newest, v)
+    got = lbfgs_two_loop(memory.s, memory.y, memory.rho, v)
     tol = 1e3 * EPS64 * float(jnp.linalg.cond(dense))
     np.testing.assert_allclose(
         got, dense @ v, rtol=tol, atol=tol * float(jnp.abs(v).max())
