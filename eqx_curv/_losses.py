@@ -62,7 +62,8 @@ def _sum_event(x: Array) -> Array:
 class AbstractLoss(eqx.Module):
     r"""A loss $\frac{1}{N}\sum_i \ell(o_i, y_i)$ over a batch of model outputs.
 
-    Subclasses implement `__call__`, `hvp`, `hessian_sqrt` and `sample`.
+    Subclasses implement `__call__`, `hvp`, `hessian_sqrt` and `sample`; the base class
+    derives `symmetric_hessian_sqrt` from `hessian_sqrt`.
     """
 
     @abc.abstractmethod
@@ -90,6 +91,30 @@ class AbstractLoss(eqx.Module):
 
         The output axes after the batch axis are flattened into one of size `dim`.
         """
+
+    def symmetric_hessian_sqrt(
+        self, outputs: Float[Array, "batch ..."]
+    ) -> Float[Array, "batch dim dim"]:
+        r"""Per-example symmetric square roots $R_i = R_i^\top$ with $R_i^2 = H_i$.
+
+        Built from `hessian_sqrt` as $R_i = V_i \Lambda_i^{1/2} V_i^\top$, where
+        $V_i \Lambda_i V_i^\top$ is the eigendecomposition of $S_i S_i^\top = H_i$
+        (rounding-negative eigenvalues clipped at zero). It costs one `dim x dim`
+        eigendecomposition per example, so prefer `hessian_sqrt` wherever only
+        $S_i S_i^\top = H_i$ matters (Fisher factors, K-FAC).
+        """
+        highest = jax.lax.Precision.HIGHEST
+        factors = self.hessian_sqrt(outputs)
+        hessians = jnp.matmul(factors, jnp.swapaxes(factors, -1, -2), precision=highest)
+        # Symmetrise before eigh: the product is symmetric only up to rounding.
+        hessians = 0.5 * (hessians + jnp.swapaxes(hessians, -1, -2))
+        values, vectors = jnp.linalg.eigh(hessians)
+        roots = jnp.sqrt(jnp.clip(values, 0, None))
+        return jnp.matmul(
+            vectors * roots[..., None, :],
+            jnp.swapaxes(vectors, -1, -2),
+            precision=highest,
+        )
 
     @abc.abstractmethod
     def sample(self, key: PRNGKeyArray, outputs: Float[Array, "batch ..."]) -> Array:

@@ -69,6 +69,13 @@ def test_hvp_and_sqrt_against_jax_hessian(name, key):
     np.testing.assert_allclose(s @ jnp.swapaxes(s, 1, 2), blocks, atol=100 * eps)
     if name != "softmax":  # documented: the softmax factor is not symmetric
         np.testing.assert_allclose(s, jnp.swapaxes(s, 1, 2))
+    # The symmetric root, for every loss: R = R^T and R R = H_i.
+    r = loss.symmetric_hessian_sqrt(o)
+    assert r.shape == (N, C, C)
+    np.testing.assert_allclose(r, jnp.swapaxes(r, 1, 2), atol=100 * eps)
+    np.testing.assert_allclose(r @ r, blocks, atol=100 * eps)
+    # ... and it is the PSD root: no negative eigenvalues beyond rounding.
+    assert float(jnp.linalg.eigvalsh(r).min()) >= -100 * eps
 
 
 @pytest.mark.parametrize("name", ["softmax", "bce"])
@@ -121,6 +128,7 @@ def test_float32_stays_float32(name, key):
     assert loss(o, y).dtype == jnp.float32
     assert loss.hvp(o, y, o).dtype == jnp.float32
     assert loss.hessian_sqrt(o).dtype == jnp.float32
+    assert loss.symmetric_hessian_sqrt(o).dtype == jnp.float32
     assert jax.grad(loss)(o, y).dtype == jnp.float32
 
 
