@@ -27,22 +27,27 @@ def _flat_matvec(matrix):
             return jax.flatten_util.ravel_pytree(matrix.mv(unravel(v)))[0]
 
         return matvec, flat.size, flat.dtype
-    matrix = jnp.asarray(matrix)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            f"`matrix` must be a square 2-D array, but has shape {matrix.shape}; pass "
-            "one symmetric matrix (vmap the call for a batch of them)."
-        )
-    if not jnp.issubdtype(matrix.dtype, jnp.floating):
-        raise TypeError(
-            f"`matrix` must have a floating-point dtype, not {matrix.dtype}; cast it "
-            "with `matrix.astype(jnp.float32)`."
-        )
+    matrix = check_matrix(matrix)
 
     def matvec(v):
         return jnp.matmul(matrix, v, precision=_HIGHEST)
 
     return matvec, matrix.shape[0], matrix.dtype
+
+
+def check_matrix(matrix, name="matrix"):
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"`{name}` must be a square 2-D array, but has shape {matrix.shape}; pass "
+            "one symmetric matrix (use `jax.vmap` for a batch of them)."
+        )
+    if not jnp.issubdtype(matrix.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating-point dtype, not {matrix.dtype}; cast it "
+            "with `.astype(jnp.float32)`."
+        )
+    return matrix
 
 
 def power_iteration(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
-from .power_iteration import power_iteration
+from .power_iteration import check_matrix as check_matrix, power_iteration
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -149,21 +149,6 @@ def ridge_and_scale(matrix, p, ridge_epsilon, power_iteration_steps, key):
     scale = (1 + ridge_epsilon) * lam_max
     scale = jnp.where(scale > 0, scale, 1)
     return finite_input, matrix + ridge * identity, ridge, (1 + p) / (2 * scale)
-
-
-def check_matrix(matrix, name="matrix"):
-    matrix = jnp.asarray(matrix)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            f"`{name}` must be a square 2-D array, but has shape {matrix.shape}; pass "
-            "one symmetric matrix (use `jax.vmap` for a batch of them)."
-        )
-    if not jnp.issubdtype(matrix.dtype, jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a floating-point dtype, not {matrix.dtype}; cast it "
-            "with `.astype(jnp.float32)`."
-        )
-    return matrix
 
 
 def _check_p(p):
