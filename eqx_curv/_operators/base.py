@@ -15,6 +15,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, PyTree
 
 
@@ -67,6 +68,32 @@ def check_inexact_params(params: PyTree, name: str = "params") -> None:
                 "(e.g. `x.astype(jnp.float32)`) or move it out of the differentiated "
                 "PyTree with `eqx.partition`."
             )
+
+
+def concrete_value(x) -> float | None:
+    """The value of a scalar known at trace time, or `None` for a tracer."""
+    try:
+        return float(np.asarray(x))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def check_damping(damping) -> Array:
+    """A scalar damping as an array; a negative value known at trace time is an error.
+
+    A traced damping cannot be checked here and is assumed non-negative.
+    """
+    if jnp.shape(damping) != ():
+        raise ValueError(
+            f"`damping` must be a scalar, but has shape {jnp.shape(damping)}."
+        )
+    value = concrete_value(damping)
+    if value is not None and not value >= 0:
+        raise ValueError(
+            f"`damping` must be non-negative (it is added to the diagonal), but is "
+            f"{value}. Use a small positive value such as 1e-3."
+        )
+    return jnp.asarray(damping)
 
 
 class AbstractCurvatureOperator(lx.AbstractLinearOperator):

@@ -1,20 +1,10 @@
 """Tikhonov (Levenberg-Marquardt) damping of a symmetric operator."""
 
 import jax
-import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
-from .base import AbstractCurvatureOperator
-
-
-def _concrete_value(x) -> float | None:
-    """The value of a scalar known at trace time, or `None` for a tracer."""
-    try:
-        return float(np.asarray(x))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
+from .base import AbstractCurvatureOperator, check_damping
 
 
 class DampedOperator(AbstractCurvatureOperator):
@@ -52,18 +42,8 @@ class DampedOperator(AbstractCurvatureOperator):
                 "`operator` must be symmetric for `A + damping * I` to be a curvature "
                 "matrix; tag it with `lineax.symmetric_tag` if it is."
             )
-        if jnp.shape(damping) != ():
-            raise ValueError(
-                f"`damping` must be a scalar, but has shape {jnp.shape(damping)}."
-            )
-        value = _concrete_value(damping)
-        if value is not None and not value >= 0:
-            raise ValueError(
-                f"`damping` must be non-negative (it is added to the diagonal), but "
-                f"is {value}. Use a small positive value such as 1e-3."
-            )
         self.operator = operator
-        self.damping = jnp.asarray(damping)
+        self.damping = check_damping(damping)
 
     def _mv(self, vector: PyTree[Array]) -> PyTree[Array]:
         return jax.tree.map(

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from .base import AbstractCurvatureOperator
-from .kronecker import _check_damping, _concrete
+from .base import AbstractCurvatureOperator, check_damping, concrete_value
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -134,7 +133,7 @@ class EighOperator(AbstractCurvatureOperator):
 
     def damped(self, damping: Real[ArrayLike, ""]) -> "EighOperator":
         r"""$H + \lambda I$ for a scalar $\lambda \ge 0$ (may be traced)."""
-        damping = _check_damping(damping)
+        damping = check_damping(damping)
         return self.apply(lambda w: w + damping.astype(w.dtype), psd=self.psd)
 
     def pseudo_inverse(self, rtol: float | None = None) -> "EighOperator":
@@ -146,7 +145,7 @@ class EighOperator(AbstractCurvatureOperator):
         w = self.eigenvalues
         if rtol is None:
             rtol = w.shape[0] * float(jnp.finfo(w.dtype).eps)
-        elif _concrete(rtol) is not None and not rtol >= 0:
+        elif concrete_value(rtol) is not None and not rtol >= 0:
             raise ValueError(f"`rtol` must be non-negative, but is {rtol}.")
         keep = jnp.abs(w) > rtol * jnp.max(jnp.abs(w))
         return self.apply(

@@ -18,10 +18,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from .base import AbstractCurvatureOperator
+from .base import AbstractCurvatureOperator, check_damping
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -29,27 +28,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _mm(a, b):
     return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _concrete(x) -> float | None:
-    try:
-        return float(np.asarray(x))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
-def _check_damping(damping) -> Array:
-    if jnp.shape(damping) != ():
-        raise ValueError(
-            f"`damping` must be a scalar, but has shape {jnp.shape(damping)}."
-        )
-    value = _concrete(damping)
-    if value is not None and not value >= 0:
-        raise ValueError(
-            f"`damping` must be non-negative, but is {value}; use a small positive "
-            "value such as 1e-3."
-        )
-    return jnp.asarray(damping)
 
 
 def _check_factor(factor, name: str) -> Array:
@@ -177,7 +155,7 @@ class KroneckerOperator(AbstractCurvatureOperator):
         - `exponent`: $q$, e.g. `-1` for the damped inverse.
         - `method`: `"exact"` or `"factored"`.
         """
-        damping = _check_damping(damping).astype(self.left.dtype)
+        damping = check_damping(damping).astype(self.left.dtype)
         psd = self.psd
         if method == "exact":
             wa, qa = _factor_eigh(self.left, psd)
