@@ -12,6 +12,7 @@ from ._linalg.roots import (
     inverse_pth_root as inverse_pth_root,
     InverseRootResult as InverseRootResult,
     matrix_power as matrix_power,
+    power_minus_identity as power_minus_identity,
 )
 from ._losses import (
     AbstractLoss as AbstractLoss,

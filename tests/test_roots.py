@@ -186,6 +186,31 @@ def test_matrix_power_is_exact(p):
     )
 
 
+@pytest.mark.parametrize("p", range(1, 10))
+def test_power_minus_identity_is_exact(p):
+    e = 0.3 * np.random.default_rng(p).standard_normal((5, 5))
+    np.testing.assert_allclose(
+        np.asarray(eqx_curv.power_minus_identity(jnp.asarray(e), p)),
+        np.linalg.matrix_power(np.eye(5) + e, p) - np.eye(5),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_power_minus_identity_keeps_small_excess_accurate():
+    # For a tiny excess, (I + E)^p - I formed from I + E loses everything to rounding
+    # in float32; the excess form stays accurate relative to its own size.
+    e = 1e-6 * np.random.default_rng(0).standard_normal((16, 16))
+    exact = np.linalg.matrix_power(np.eye(16) + e, 5) - np.eye(16)
+    excess = np.asarray(eqx_curv.power_minus_identity(jnp.asarray(e, jnp.float32), 5))
+    naive = np.asarray(
+        eqx_curv.matrix_power(jnp.asarray(np.eye(16) + e, jnp.float32), 5)
+    ) - np.eye(16)
+    rel = lambda x: np.linalg.norm(x - exact) / np.linalg.norm(exact)  # noqa: E731
+    assert rel(excess) < 1e-5
+    assert rel(naive) > 1e-3  # the check is meaningful: the naive form does fail
+
+
 def test_power_iteration_seeded_and_jittable():
     matrix = jnp.asarray(spd(64, 1e3, 1) * 3.0)
     fn = jax.jit(eqx_curv.power_iteration)
