@@ -35,7 +35,7 @@ class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
         curvature = jnp.maximum(jnp.abs(diagonal), floor)
         return -state.grad / curvature, jnp.ones((), x.dtype)
 
-    def update_memory(self, memory, s, y, x_new, f, grad) -> None:
+    def update_memory(self, memory, s, y, x_new, f, grad, alpha) -> None:
         return None
 
 

@@ -35,7 +35,9 @@ class AbstractGradientDescent(AbstractLineSearchMinimiser):
         # twice the last accepted step.
         return -state.grad, 2 * state.memory.last_step
 
-    def update_memory(self, memory: _StepMemory, s, y, x_new, f, grad) -> _StepMemory:
+    def update_memory(
+        self, memory: _StepMemory, s, y, x_new, f, grad, alpha
+    ) -> _StepMemory:
         old_grad = grad - y
         tiny = jnp.finfo(s.dtype).tiny
         step = jnp.sqrt(jnp.dot(s, s) / jnp.maximum(jnp.dot(old_grad, old_grad), tiny))

@@ -200,7 +200,8 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
 
     Subclasses supply `direction(value_fn, x, state) -> (p, alpha0)` (alpha0 is the
     first trial step of the line search) and `update_memory(memory, s, y, x_new, f,
-    grad)` called after an accepted step $s = x_{k+1} - x_k$, $y = g_{k+1} - g_k$.
+    grad, alpha)` called after an accepted step $s = x_{k+1} - x_k = \alpha p$,
+    $y = g_{k+1} - g_k$.
 
     With `step_size=None` the step comes from `search`; a direction that is not a descent
     direction (or not finite) is replaced by $-\\nabla f$ there. With a number, the
@@ -226,8 +227,9 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
         x_new: Float[Array, " n"],
         f: Scalar,
         grad: Array,
+        alpha: Scalar,
     ) -> PyTree:
-        """The memory after an accepted step."""
+        """The memory after an accepted step `s = alpha * p`."""
 
     def step(
         self,
@@ -257,7 +259,7 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
         s = jnp.where(ok, alpha * p, 0)
         x_new = x + s
         memory = self.update_memory(
-            state.memory, s, jnp.where(ok, grad - state.grad, 0), x_new, f, grad
+            state.memory, s, jnp.where(ok, grad - state.grad, 0), x_new, f, grad, alpha
         )
         new_state = self.finish_step(
             state, ok, failure, f, grad, aux, memory, num_evals

@@ -80,7 +80,9 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         alpha0 = jnp.where(state.memory.first, jnp.minimum(1, 1 / norm), 1)
         return p, alpha0
 
-    def update_memory(self, memory: _BFGSMemory, s, y, x_new, f, grad) -> _BFGSMemory:
+    def update_memory(
+        self, memory: _BFGSMemory, s, y, x_new, f, grad, alpha
+    ) -> _BFGSMemory:
         # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
         # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
         # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
@@ -177,7 +179,7 @@ class AbstractLBFGS(AbstractLineSearchMinimiser):
         alpha0 = jnp.where(mem.num_pairs == 0, jnp.minimum(1, 1 / norm), 1)
         return p, alpha0
 
-    def update_memory(self, memory: _LBFGSMemory, s, y, x_new, f, grad):
+    def update_memory(self, memory: _LBFGSMemory, s, y, x_new, f, grad, alpha):
         ok = _curvature_is_positive(s, y)
         rho = 1 / jnp.where(ok, jnp.dot(y, s), 1)
 
