@@ -7,10 +7,11 @@ tolerance each library offers for that, noted per row) and the table gives
 - `iters`: iterations (for optimistix, accepted steps: its `num_steps` counts function
   evaluations, since each of its steps evaluates once);
 - `f+g`: value-and-gradient evaluations (scipy: `nfev`; optax: line-search steps + 1);
-- `hess`: Hessian evaluations where counted (eqx_curv Newton: one per iteration;
-  eqx_curv SaddleFreeNewton: one per accepted step, at most `iters + 1`);
-- `ms`: wall time of the whole solve, median of repeats after a warm-up. JAX solvers are
-  one jitted call; scipy drives jitted JAX callbacks from its host loop;
+- `hess`: Hessian evaluations where counted (eqx_curv Newton and SaddleFreeNewton:
+  one per iteration);
+- `ms`, `min ms`: wall time of the whole solve, median and minimum of repeats after a
+  warm-up. JAX solvers are one jitted call returning the solution and its counters;
+  scipy drives jitted JAX callbacks from its host loop;
 - `f`, `|g|`: final value and 2-norm of the gradient (the global minimum is 0 for
   Rosenbrock; 3.99 is its local minimum).
 
@@ -45,14 +46,21 @@ from eqx_curv.experiments.problems import (  # noqa: E402
 GTOL = 1e-8
 
 
-def _time(call, repeats):
-    call()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time_interleaved(calls, repeats):
+    """Median and minimum wall time (ms) of each call, timed in interleaved rounds.
+
+    Every call is warmed up (compiled) first; then each round times every call once,
+    so that a change in the machine's load affects all rows alike.
+    """
+    for call in calls:
         call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, record in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            record.append(time.perf_counter() - start)
+    return [(1e3 * statistics.median(t), 1e3 * min(t)) for t in times]
 
 
 def _finish(fn, x):
@@ -60,31 +68,32 @@ def _finish(fn, x):
     return float(fn(x)), float(jnp.linalg.norm(jax.grad(fn)(x)))
 
 
-def ours(fn, x0, solver, repeats, hess_per_iter):
+def ours(fn, x0, solver, hess_per_iter):
+    # Like the optimistix rows, the jitted call returns the solution and two counters
+    # only, so that no row pays for handing a whole solver state back to Python.
     @jax.jit
     def solve(x0):
-        return optx.minimise(
-            lambda y, _: fn(y), solver, x0, max_steps=5000, throw=False
-        )
+        sol = optx.minimise(lambda y, _: fn(y), solver, x0, max_steps=5000, throw=False)
+        return sol.value, sol.stats["num_steps"], sol.stats["num_fn_evals"]
 
     def call():
-        sol = solve(x0)
-        jax.block_until_ready(sol.value)
-        return sol
+        out = solve(x0)
+        jax.block_until_ready(out[0])
+        return out
 
-    ms = _time(call, repeats)
-    sol = call()
-    iters = int(sol.stats["num_steps"])
-    return dict(
-        iters=iters,
-        fg=int(sol.stats["num_fn_evals"]),
-        hess=hess_per_iter(sol, iters),
-        ms=ms,
-        final=_finish(fn, sol.value),
-    )
+    def summary(out):
+        value, iters, evals = out
+        return dict(
+            iters=int(iters),
+            fg=int(evals),
+            hess=hess_per_iter(int(iters)),
+            final=_finish(fn, value),
+        )
+
+    return call, summary
 
 
-def optimistix_solver(fn, x0, solver, repeats):
+def optimistix_solver(fn, x0, solver):
     @jax.jit
     def solve(x0):
         sol = optx.minimise(
@@ -97,14 +106,16 @@ def optimistix_solver(fn, x0, solver, repeats):
         jax.block_until_ready(out[0])
         return out
 
-    ms = _time(call, repeats)
-    value, accepted, evals = call()
-    return dict(
-        iters=int(accepted), fg=int(evals), hess=None, ms=ms, final=_finish(fn, value)
-    )
+    def summary(out):
+        value, accepted, evals = out
+        return dict(
+            iters=int(accepted), fg=int(evals), hess=None, final=_finish(fn, value)
+        )
+
+    return call, summary
 
 
-def optax_lbfgs(fn, x0, repeats):
+def optax_lbfgs(fn, x0):
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fn)
 
@@ -132,12 +143,14 @@ def optax_lbfgs(fn, x0, repeats):
         jax.block_until_ready(out[0])
         return out
 
-    ms = _time(call, repeats)
-    x, _, k, evals = call()
-    return dict(iters=int(k), fg=int(evals), hess=None, ms=ms, final=_finish(fn, x))
+    def summary(out):
+        x, _, k, evals = out
+        return dict(iters=int(k), fg=int(evals), hess=None, final=_finish(fn, x))
+
+    return call, summary
 
 
-def scipy_solver(fn, x0, method, repeats):
+def scipy_solver(fn, x0, method):
     f = jax.jit(fn)
     g = jax.jit(jax.grad(fn))
     h = jax.jit(jax.hessian(fn))
@@ -159,59 +172,70 @@ def scipy_solver(fn, x0, method, repeats):
     def call():
         return scipy.optimize.minimize(**kwargs)
 
-    ms = _time(call, repeats)
-    res = call()
-    return dict(
-        iters=int(res.nit),
-        fg=int(res.nfev),
-        hess=int(getattr(res, "nhev", 0)) or None,
-        ms=ms,
-        final=_finish(fn, res.x),
-    )
+    def summary(res):
+        return dict(
+            iters=int(res.nit),
+            fg=int(res.nfev),
+            hess=int(getattr(res, "nhev", 0)) or None,
+            final=_finish(fn, res.x),
+        )
+
+    return call, summary
 
 
-def _hessians_per_step(sol, iters):
+def _hessians_per_step(iters):
     return iters
 
 
 def _solvers():
-    """(name, run(fn, x0, repeats)) for every solver in the table."""
+    """(name, make(fn, x0) -> (call, summary)) for every solver in the table."""
     tol = dict(rtol=0.0, atol=GTOL, norm=optx.two_norm)
-    none = lambda sol, iters: None  # noqa: E731
+    none = lambda iters: None  # noqa: E731
     return [
-        ("eqx_curv BFGS", lambda f, x, r: ours(f, x, eqx_curv.BFGS(**tol), r, none)),
-        ("eqx_curv LBFGS", lambda f, x, r: ours(f, x, eqx_curv.LBFGS(**tol), r, none)),
+        ("eqx_curv BFGS", lambda f, x: ours(f, x, eqx_curv.BFGS(**tol), none)),
+        ("eqx_curv LBFGS", lambda f, x: ours(f, x, eqx_curv.LBFGS(**tol), none)),
         (
             "eqx_curv Newton",
-            lambda f, x, r: ours(f, x, eqx_curv.Newton(**tol), r, _hessians_per_step),
+            lambda f, x: ours(f, x, eqx_curv.Newton(**tol), _hessians_per_step),
         ),
         (
             "eqx_curv SaddleFreeNewton",
-            lambda f, x, r: ours(f, x, eqx_curv.SaddleFreeNewton(**tol), r, none),
+            lambda f, x: ours(
+                f, x, eqx_curv.SaddleFreeNewton(**tol), _hessians_per_step
+            ),
         ),
-        ("scipy BFGS", lambda f, x, r: scipy_solver(f, x, "BFGS", r)),
-        ("scipy L-BFGS-B", lambda f, x, r: scipy_solver(f, x, "L-BFGS-B", r)),
-        ("scipy trust-exact", lambda f, x, r: scipy_solver(f, x, "trust-exact", r)),
-        ("scipy Newton-CG", lambda f, x, r: scipy_solver(f, x, "Newton-CG", r)),
+        (
+            # Ablation: without the gradient-scaled shift mu_0 = c ||g||.
+            "eqx_curv SFN, c = 0",
+            lambda f, x: ours(
+                f,
+                x,
+                eqx_curv.SaddleFreeNewton(**tol, regularisation=0.0),
+                _hessians_per_step,
+            ),
+        ),
+        ("scipy BFGS", lambda f, x: scipy_solver(f, x, "BFGS")),
+        ("scipy L-BFGS-B", lambda f, x: scipy_solver(f, x, "L-BFGS-B")),
+        ("scipy trust-exact", lambda f, x: scipy_solver(f, x, "trust-exact")),
+        ("scipy Newton-CG", lambda f, x: scipy_solver(f, x, "Newton-CG")),
         ("optax.lbfgs", optax_lbfgs),
         (
             "optimistix BFGS",
-            lambda f, x, r: optimistix_solver(
-                f, x, optx.BFGS(rtol=1e-12, atol=1e-12), r
-            ),
+            lambda f, x: optimistix_solver(f, x, optx.BFGS(rtol=1e-12, atol=1e-12)),
         ),
         (
             "optimistix LBFGS",
-            lambda f, x, r: optimistix_solver(
-                f, x, optx.LBFGS(rtol=1e-12, atol=1e-12), r
-            ),
+            lambda f, x: optimistix_solver(f, x, optx.LBFGS(rtol=1e-12, atol=1e-12)),
         ),
     ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings of solver names"
+    )
     args = parser.parse_args(argv)
     problems = [
         ("Rosenbrock 2-D", rosenbrock, rosenbrock_start(2)),
@@ -220,8 +244,14 @@ def main(argv=None):
     ]
     rows = []
     for pname, fn, x0 in problems:
-        for sname, run in _solvers():
-            r = run(lambda x, fn=fn: fn(x), x0, args.repeats)
+        made = [
+            (sname, make(lambda x, fn=fn: fn(x), x0))
+            for sname, make in _solvers()
+            if not args.only or any(k in sname for k in args.only.split(","))
+        ]
+        timings = _time_interleaved([call for _, (call, _) in made], args.repeats)
+        for (sname, (call, summary)), ms in zip(made, timings):
+            r = dict(summary(call()), ms=ms)
             rows.append((pname, sname, r))
             print(_format(pname, sname, r), flush=True)
     print()
@@ -233,7 +263,7 @@ def main(argv=None):
 def _header():
     return (
         f"{'problem':<18} {'solver':<26} {'iters':>6} {'f+g':>6} {'hess':>5} "
-        f"{'ms':>9} {'f':>10} {'|g|':>8}"
+        f"{'ms':>9} {'min ms':>9} {'f':>10} {'|g|':>8}"
     )
 
 
@@ -242,7 +272,7 @@ def _format(pname, sname, r):
     f, g = r["final"]
     return (
         f"{pname:<18} {sname:<26} {r['iters']:>6} {r['fg']:>6} {hess:>5} "
-        f"{r['ms']:>9.2f} {f:>10.3g} {g:>8.1e}"
+        f"{r['ms'][0]:>9.3f} {r['ms'][1]:>9.3f} {f:>10.3g} {g:>8.1e}"
     )
 
 
