@@ -345,15 +345,82 @@ def test_nonfinite_fixed_step_stops_with_failure_code(solver):
     np.testing.assert_array_equal(sol.value, z0)
 
 
-def test_saddle_free_trust_region_rejects_nonfinite_step():
-    # The first trust-region step of radius 10 lands in the NaN region; it is rejected,
-    # the radius shrinks, and the solve goes on from finite points only.
+def test_saddle_free_trust_region_shrinks_nonfinite_step():
+    # The first trust-region step of radius 10 lands in the NaN region; the search
+    # along it shrinks it, the radius follows, and every point stays finite.
     solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-12, initial_radius=10.0)
-    sol = optx.minimise(
-        _nan_beyond, solver, jnp.array([0.0, 1.0]), max_steps=30, throw=False
-    )
+    z0 = jnp.array([0.0, 1.0])
+    sol = optx.minimise(_nan_beyond, solver, z0, max_steps=30, throw=False)
     assert _all_finite(sol.state) and _all_finite(sol.value)
     assert float(sol.value[0]) < 0.5
+    assert float(_nan_beyond(sol.value, None)) < float(_nan_beyond(z0, None))
+    assert float(sol.state.memory.radius) < 10.0
+
+
+def test_saddle_free_radius_rule():
+    solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8, max_radius=3.0)
+    memory = solver.init_memory(None, jnp.zeros(2), 0.0, jnp.zeros(2))
+    update = lambda m, s, alpha: solver.update_memory(  # noqa: E731
+        m, jnp.asarray(s), None, None, None, None, jnp.asarray(alpha)
+    )
+    # A full step to the boundary doubles the radius (up to max_radius) ...
+    assert float(update(memory, [0.6, 0.8], 1.0).radius) == 2.0
+    assert float(update(update(memory, [0.6, 0.8], 1.0), [1.2, 1.6], 1.0).radius) == 3.0
+    # ... an interior full step keeps it; a shortened step sets it to its length.
+    assert float(update(memory, [0.3, 0.4], 1.0).radius) == 1.0
+    np.testing.assert_allclose(float(update(memory, [0.15, 0.2], 0.5).radius), 0.25)
+
+
+def test_saddle_free_shift_reaches_global_rosenbrock_minimum_where_zero_shift_does_not():
+    # The shift c ||g|| is what keeps Rosenbrock 100-D off the local minimum near
+    # (-1, 1, ..., 1) (f = 3.99): documented in docs/classical.md.
+    x0 = rosenbrock_start(100)
+    for c, expect_global in ((0.0, False), (0.3, True)):
+        solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8, regularisation=c)
+        sol = optx.minimise(rosenbrock, solver, x0, max_steps=300, throw=False)
+        assert sol.result == optx.RESULTS.successful
+        f = float(rosenbrock(sol.value))
+        assert (f < 1e-12) if expect_global else (abs(f - 3.99) < 0.01)
+
+
+def _wolfe_problem():
+    fn = lambda x: rosenbrock(x)  # noqa: E731
+
+    def value_and_grad(x):
+        f, g = jax.value_and_grad(fn)(x)
+        return f, g, None
+
+    x = jnp.array([-1.2, 1.0])
+    f0, g0, _ = value_and_grad(x)
+    return value_and_grad, x, f0, g0
+
+
+@pytest.mark.parametrize("alpha0", [1e-4, 1e-3, 1.0, 100.0])
+def test_strong_wolfe_conditions_hold(alpha0):
+    value_and_grad, x, f0, g0 = _wolfe_problem()
+    search = eqx_curv.StrongWolfe(c1=1e-4, c2=0.9)
+    p = -g0 / jnp.linalg.norm(g0)
+    out = search(value_and_grad, x, f0, g0, None, p, jnp.asarray(alpha0))
+    assert bool(out.decreased) and bool(out.satisfied)
+    slope0 = float(jnp.dot(g0, p))
+    f, g, _ = value_and_grad(x + out.alpha * p)
+    assert float(f) <= float(f0) + 1e-4 * float(out.alpha) * slope0
+    assert abs(float(jnp.dot(g, p))) <= 0.9 * abs(slope0)
+    np.testing.assert_allclose(float(out.f), float(f))
+    # Passing the slope the caller already has gives the same search.
+    again = search(
+        value_and_grad, x, f0, g0, None, p, jnp.asarray(alpha0), jnp.dot(g0, p)
+    )
+    assert float(again.alpha) == float(out.alpha)
+
+
+def test_strong_wolfe_refuses_an_ascent_direction():
+    value_and_grad, x, f0, g0 = _wolfe_problem()
+    out = eqx_curv.StrongWolfe()(value_and_grad, x, f0, g0, None, g0, jnp.asarray(1.0))
+    assert not bool(out.decreased) and not bool(out.satisfied)
+    assert float(out.alpha) == 0.0 and int(out.num_evals) == 0
+    assert float(out.f) == float(f0)
+    np.testing.assert_array_equal(out.grad, g0)
 
 
 def test_nonfinite_start_reports_failure():

@@ -38,9 +38,7 @@ def matrix_power(matrix: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
         base = _mm(base, base)
 
 
-def power_minus_identity(
-    excess: Float[Array, "n n"], p: int
-) -> Float[Array, "n n"]:
+def power_minus_identity(excess: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
     r"""$(I + E)^p - I$ for an integer $p \ge 1$, without forming $I + E$.
 
     Binary exponentiation in the "excess over the identity" representation: with
@@ -55,9 +53,7 @@ def power_minus_identity(
     base = excess
     while True:
         if p & 1:
-            result = (
-                base if result is None else result + base + _mm(result, base)
-            )
+            result = base if result is None else result + base + _mm(result, base)
         p >>= 1
         if not p:
             return result

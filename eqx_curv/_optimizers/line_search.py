@@ -109,6 +109,7 @@ class StrongWolfe(eqx.Module):
         aux0: PyTree,
         direction: Float[Array, " n"],
         alpha0: Float[Array, ""],
+        slope0: Float[Array, ""] | None = None,
     ) -> LineSearchResult:
         """Search along `direction` from `x`.
 
@@ -118,13 +119,15 @@ class StrongWolfe(eqx.Module):
         - `x`, `f0`, `grad0`, `aux0`: the current point, its value, gradient and aux.
         - `direction`: a descent direction ($\\nabla f^\\top p < 0$).
         - `alpha0`: the first trial step.
+        - `slope0`: $\nabla f(x)^\top p$ if the caller has it already (else computed).
 
         **Returns:**
 
         A `LineSearchResult`.
         """
         dtype = f0.dtype
-        slope0 = jnp.dot(grad0, direction)
+        if slope0 is None:
+            slope0 = jnp.dot(grad0, direction)
         c1 = jnp.asarray(self.c1, dtype)
         c2 = jnp.asarray(self.c2, dtype)
         max_step = jnp.asarray(self.max_step, dtype)
@@ -149,7 +152,10 @@ class StrongWolfe(eqx.Module):
             alpha = s.alpha_next
             f, g, aux = value_and_grad(x + alpha * direction)
             slope = jnp.dot(g, direction)
-            finite = jnp.isfinite(f) & jnp.isfinite(slope) & jnp.all(jnp.isfinite(g))
+            # A non-finite entry of g makes the slope non-finite too (NaN and inf
+            # propagate through the dot product, inf * 0 included), so checking the
+            # slope checks g.
+            finite = jnp.isfinite(f) & jnp.isfinite(slope)
             trial = _Trial(alpha, f, slope)
             too_far = (
                 ~finite | (f > f0 + c1 * alpha * slope0) | (f >= s.lo.f)
@@ -198,14 +204,21 @@ class StrongWolfe(eqx.Module):
                 lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, done
             )
 
-        out = jax.lax.while_loop(cond, body, init)
-        decreased = (out.lo.alpha > 0) & (out.lo.f < f0)
+        # The first trial runs outside the loop: Newton and quasi-Newton directions
+        # are usually accepted at once, and then the loop is never entered. (Without
+        # a descent direction that trial is discarded below.)
+        first = body(init)
+        out = jax.lax.while_loop(
+            cond, body, eqx.tree_at(lambda s: s.done, first, first.done | init.done)
+        )
+        searched = ~init.done
+        decreased = searched & (out.lo.alpha > 0) & (out.lo.f < f0)
         return LineSearchResult(
-            alpha=out.lo.alpha,
-            f=out.lo.f,
-            grad=out.grad_lo,
-            aux=out.aux_lo,
-            num_evals=out.num_evals,
+            alpha=jnp.where(searched, out.lo.alpha, 0),
+            f=jnp.where(searched, out.lo.f, f0),
+            grad=jnp.where(searched, out.grad_lo, grad0),
+            aux=jax.tree.map(lambda a, b: jnp.where(searched, a, b), out.aux_lo, aux0),
+            num_evals=jnp.where(searched, out.num_evals, 0),
             decreased=decreased,
-            satisfied=out.satisfied,
+            satisfied=searched & out.satisfied,
         )

@@ -244,10 +244,17 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
         evaluate = value_and_grad_flat(fn, args, unravel)
         p, alpha0 = self.direction(scalar_fn_flat(fn, args, unravel), x, state)
         if self.step_size is None:
-            usable = all_finite(p) & (jnp.dot(p, state.grad) < 0)
+            # The gradient is finite here, so a non-finite entry of p shows in the
+            # slope.
+            slope = jnp.dot(p, state.grad)
+            usable = jnp.isfinite(slope) & (slope < 0)
+            grad_sq = jnp.dot(state.grad, state.grad)
             p = jnp.where(usable, p, -state.grad)
-            alpha0 = jnp.where(usable, alpha0, 1 / jnp.maximum(1, _norm2(state.grad)))
-            found = self.search(evaluate, x, state.f, state.grad, state.aux, p, alpha0)
+            slope = jnp.where(usable, slope, -grad_sq)
+            alpha0 = jnp.where(usable, alpha0, 1 / jnp.maximum(1, jnp.sqrt(grad_sq)))
+            found = self.search(
+                evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
+            )
             alpha, f, grad, aux = found.alpha, found.f, found.grad, found.aux
             ok, num_evals = found.decreased, found.num_evals
             failure = optx.RESULTS.nonlinear_divergence
@@ -265,7 +272,3 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
             state, ok, failure, f, grad, aux, memory, num_evals
         )
         return unravel(x_new), new_state, new_state.aux
-
-
-def _norm2(v: Array) -> Scalar:
-    return jnp.sqrt(jnp.dot(v, v))
