@@ -73,6 +73,17 @@ def _time_interleaved(calls, repeats):
     return [(1e3 * statistics.median(t), 1e3 * min(t)) for t in times]
 
 
+def _blocking(solve, x0):
+    """`solve(x0)` as a call that waits for its result."""
+
+    def call():
+        out = solve(x0)
+        jax.block_until_ready(out[0])
+        return out
+
+    return call
+
+
 def _finish(fn, x):
     x = jnp.asarray(x)
     return float(fn(x)), float(jnp.linalg.norm(jax.grad(fn)(x)))
@@ -86,11 +97,6 @@ def ours(fn, x0, solver, hess_per_iter):
         sol = optx.minimise(lambda y, _: fn(y), solver, x0, max_steps=5000, throw=False)
         return sol.value, sol.stats["num_steps"], sol.stats["num_fn_evals"]
 
-    def call():
-        out = solve(x0)
-        jax.block_until_ready(out[0])
-        return out
-
     def summary(out):
         value, iters, evals = out
         return dict(
@@ -100,7 +106,7 @@ def ours(fn, x0, solver, hess_per_iter):
             final=_finish(fn, value),
         )
 
-    return call, summary
+    return _blocking(solve, x0), summary
 
 
 def optimistix_solver(fn, x0, solver):
@@ -111,18 +117,13 @@ def optimistix_solver(fn, x0, solver):
         )
         return sol.value, sol.state.num_accepted_steps, sol.stats["num_steps"]
 
-    def call():
-        out = solve(x0)
-        jax.block_until_ready(out[0])
-        return out
-
     def summary(out):
         value, accepted, evals = out
         return dict(
             iters=int(accepted), fg=int(evals), hess=None, final=_finish(fn, value)
         )
 
-    return call, summary
+    return _blocking(solve, x0), summary
 
 
 def optax_lbfgs(fn, x0):
@@ -148,16 +149,11 @@ def optax_lbfgs(fn, x0):
         carry = (x0, opt.init(x0), jnp.array(0), jnp.array(1))
         return jax.lax.while_loop(cond, body, carry)
 
-    def call():
-        out = solve(x0)
-        jax.block_until_ready(out[0])
-        return out
-
     def summary(out):
         x, _, k, evals = out
         return dict(iters=int(k), fg=int(evals), hess=None, final=_finish(fn, x))
 
-    return call, summary
+    return _blocking(solve, x0), summary
 
 
 def scipy_solver(fn, x0, method):

@@ -19,23 +19,27 @@ def _mm(a, b):
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
+def _binary_power(base, p: int, multiply):
+    """`base` to the power `p` under the associative product `multiply`."""
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+        raise ValueError(f"`p` must be a Python int >= 1, but is {p!r}.")
+    result = None
+    while True:
+        if p & 1:
+            result = base if result is None else multiply(result, base)
+        p >>= 1
+        if not p:
+            return result
+        base = multiply(base, base)
+
+
 def matrix_power(matrix: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
     r"""$M^p$ for an integer $p \ge 1$, by binary exponentiation at HIGHEST precision.
 
     Uses $\lfloor \log_2 p \rfloor$ squarings and one product per further set bit of
     $p$: the exponent is exact for every $p$, not rounded to a power of two.
     """
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"`p` must be a Python int >= 1, but is {p!r}.")
-    result = None
-    base = matrix
-    while True:
-        if p & 1:
-            result = base if result is None else _mm(result, base)
-        p >>= 1
-        if not p:
-            return result
-        base = _mm(base, base)
+    return _binary_power(matrix, p, _mm)
 
 
 def power_minus_identity(excess: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
@@ -47,17 +51,7 @@ def power_minus_identity(excess: Float[Array, "n n"], p: int) -> Float[Array, "n
     numbers close to 1. Where $E$ is small the result is accurate relative to its own
     (small) size rather than to $\lVert I \rVert$.
     """
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"`p` must be a Python int >= 1, but is {p!r}.")
-    result = None
-    base = excess
-    while True:
-        if p & 1:
-            result = base if result is None else result + base + _mm(result, base)
-        p >>= 1
-        if not p:
-            return result
-        base = 2 * base + _mm(base, base)
+    return _binary_power(excess, p, lambda u, v: u + v + _mm(u, v))
 
 
 class InverseRootResult(eqx.Module):
