@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator check: GPU-marked tests, the hypothesis property tests under the
-# `gpu` profile, then every benchmarks/bench_*.py present, each under a time limit.
+# `gpu` profile (matrix roots, Newton-Schulz and Kronecker first, then the rest), then
+# the GPU-relevant benchmarks, each under a time limit. The defaults keep the whole
+# script under about 9 minutes (one device command may run 10).
 #
 # Run from anywhere with the machine's own python3 (nothing is pip-installed except
 # wheels carried in .whl/):
@@ -10,8 +12,12 @@
 # Environment:
 #   OUT            if set, all output is also written to $OUT/gpu_check.log
 #   PYTHON         interpreter (default: python3)
-#   BENCH_TIMEOUT  seconds per benchmark file (default: 300)
-#   TEST_TIMEOUT   seconds per pytest run (default: 900)
+#   DEADLINE       seconds for the whole script (default: 540): each step's limit is
+#                  cut to what is left, and steps past it are reported as skipped
+#   BENCH_TIMEOUT  seconds per benchmark file (default: 100)
+#   TEST_TIMEOUT   seconds per pytest run (default: 150)
+#   BENCHES        benchmark files to run (default: roots, kronecker, operators, cg;
+#                  bench_classical.py is a float64 CPU benchmark and is left out)
 #   EQX_CURV_QUICK=1  tiny settings, for a dry run on CPU (benchmarks read it too):
 #                  JAX_PLATFORMS=cpu EQX_CURV_QUICK=1 bash benchmarks/gpu_check.sh
 #
@@ -22,8 +28,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 PYTHON=${PYTHON:-python3}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
-TEST_TIMEOUT=${TEST_TIMEOUT:-900}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+DEADLINE=${DEADLINE:-540}
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 QUICK=${EQX_CURV_QUICK:-0}
 export EQX_CURV_QUICK=$QUICK PYTHONUNBUFFERED=1
 
@@ -59,6 +66,23 @@ fi
 declare -a SUMMARY=()
 FAILED=0
 
+limit() {  # the step's own limit, cut to the seconds left before DEADLINE (0: none left)
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -le 5 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+
+run_step() {  # name, own limit, command...
+    local name=$1 own=$2 t
+    shift 2
+    t=$(limit "$own")
+    if [ "$t" -eq 0 ]; then
+        SUMMARY+=("$(printf '%-45s %s' "$name" "skipped (deadline)")")
+        return
+    fi
+    timeout "$t" "$@"
+    record "$name" $?
+}
+
 record() {  # name, exit code
     local name=$1 code=$2 verdict
     case $code in
@@ -71,31 +95,35 @@ record() {  # name, exit code
 }
 
 echo "== pytest -m gpu"
-timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
-record "pytest -m gpu" $?
+run_step "pytest -m gpu" "$TEST_TIMEOUT" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
 
-# Property tests: the test files that use hypothesis.
-mapfile -t PROPERTY_FILES < <(grep -l "hypothesis" tests/test_*.py 2> /dev/null)
-if [ "${#PROPERTY_FILES[@]}" -gt 0 ]; then
-    profile=gpu
-    [ "$QUICK" = 1 ] && profile=dev
-    echo "== property tests (HYPOTHESIS_PROFILE=$profile): ${PROPERTY_FILES[*]}"
-    HYPOTHESIS_PROFILE=$profile timeout "$TEST_TIMEOUT" \
-        "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m "not slow and not gpu" "${PROPERTY_FILES[@]}"
-    record "property tests ($profile profile)" $?
-else
-    SUMMARY+=("$(printf '%-45s %s' "property tests" "skipped (none yet)")")
-fi
+# Property tests: the test files that use hypothesis, the linear-algebra ones first.
+profile=gpu
+[ "$QUICK" = 1 ] && profile=dev
+export HYPOTHESIS_PROFILE=$profile
+FIRST=(tests/test_roots.py tests/test_newton_schulz.py tests/test_kronecker.py)
+mapfile -t REST < <(grep -l "hypothesis" tests/test_*.py 2> /dev/null |
+    grep -v -e test_roots.py -e test_newton_schulz.py -e test_kronecker.py)
+for group in FIRST REST; do
+    declare -n files=$group
+    if [ "${#files[@]}" -eq 0 ]; then
+        continue
+    fi
+    echo "== property tests (HYPOTHESIS_PROFILE=$profile): ${files[*]}"
+    run_step "property tests, $group ($profile profile)" \
+        "$TEST_TIMEOUT" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" \
+        -m "not slow and not gpu" "${files[@]}"
+done
 
-shopt -s nullglob
-BENCHES=(benchmarks/bench_*.py)
-if [ "${#BENCHES[@]}" -eq 0 ]; then
-    SUMMARY+=("$(printf '%-45s %s' "benchmarks" "skipped (none yet)")")
-fi
-for bench in "${BENCHES[@]}"; do
+read -r -a BENCH_LIST <<< "${BENCHES:-bench_roots.py bench_kronecker.py bench_operators.py bench_cg.py}"
+for name in "${BENCH_LIST[@]}"; do
+    bench=benchmarks/${name#benchmarks/}
+    if [ ! -f "$bench" ]; then
+        SUMMARY+=("$(printf '%-45s %s' "$bench" "skipped (missing)")")
+        continue
+    fi
     echo "== $bench (limit ${BENCH_TIMEOUT}s)"
-    timeout "$BENCH_TIMEOUT" "$PYTHON" "$bench"
-    record "$bench" $?
+    run_step "$bench" "$BENCH_TIMEOUT" "$PYTHON" "$bench"
 done
 
 echo "== summary"
