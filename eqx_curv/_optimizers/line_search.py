@@ -123,7 +123,7 @@ class StrongWolfe(eqx.Module):
         - `x`, `f0`, `grad0`, `aux0`: the current point, its value, gradient and aux.
         - `direction`: a descent direction ($\\nabla f^\\top p < 0$).
         - `alpha0`: the first trial step.
-        - `slope0`: $\nabla f(x)^\top p$ if the caller has it already (else computed).
+        - `slope0`: $\\nabla f(x)^\\top p$ if the caller has it already (else computed).
 
         **Returns:**
 
@@ -159,16 +159,19 @@ class StrongWolfe(eqx.Module):
         def body(s):
             return update(s, s.alpha_next, *evaluate(s.alpha_next))
 
-        def update(s, alpha, f, g, aux, slope):
+        def judge(alpha, f, slope, f_lo):
+            """(finite, too far, curvature condition met) for a trial."""
             # A non-finite entry of g makes the slope non-finite too (NaN and inf
             # propagate through the dot product, inf * 0 included), so checking the
             # slope checks g.
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
+            # Too far: becomes the upper end of the bracket.
+            too_far = ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
+            return finite, too_far, jnp.abs(slope) <= -c2 * slope0
+
+        def update(s, alpha, f, g, aux, slope):
+            finite, too_far, curvature_ok = judge(alpha, f, slope, s.lo.f)
             trial = _Trial(alpha, f, slope)
-            too_far = (
-                ~finite | (f > f0 + c1 * alpha * slope0) | (f >= s.lo.f)
-            )  # becomes the upper end of the bracket
-            curvature_ok = jnp.abs(slope) <= -c2 * slope0
             accept = ~too_far & curvature_ok
             # Moving past `lo` would go uphill: the old `lo` becomes the upper end.
             flip = ~too_far & ~curvature_ok & (slope * (s.hi.alpha - s.lo.alpha) >= 0)
@@ -217,14 +220,8 @@ class StrongWolfe(eqx.Module):
         # otherwise does the bracketing-and-zoom loop run, from that first trial.
         alpha_first = init.alpha_next
         f, g, aux, slope = evaluate(alpha_first)
-        passed = (
-            (slope0 < 0)
-            & jnp.isfinite(f)
-            & jnp.isfinite(slope)
-            & (f <= f0 + c1 * alpha_first * slope0)
-            & (f < f0)
-            & (jnp.abs(slope) <= -c2 * slope0)
-        )
+        _, too_far, curvature_ok = judge(alpha_first, f, slope, f0)
+        passed = (slope0 < 0) & ~too_far & curvature_ok
 
         def at_once():
             return LineSearchResult(
