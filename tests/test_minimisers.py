@@ -371,16 +371,17 @@ def test_saddle_free_radius_rule():
     np.testing.assert_allclose(float(update(memory, [0.15, 0.2], 0.5).radius), 0.25)
 
 
-def test_saddle_free_shift_reaches_global_rosenbrock_minimum_where_zero_shift_does_not():
+def test_saddle_free_without_shift_stops_at_local_rosenbrock_minimum():
     # The shift c ||g|| is what keeps Rosenbrock 100-D off the local minimum near
-    # (-1, 1, ..., 1) (f = 3.99): documented in docs/classical.md.
-    x0 = rosenbrock_start(100)
-    for c, expect_global in ((0.0, False), (0.3, True)):
-        solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8, regularisation=c)
-        sol = optx.minimise(rosenbrock, solver, x0, max_steps=300, throw=False)
-        assert sol.result == optx.RESULTS.successful
-        f = float(rosenbrock(sol.value))
-        assert (f < 1e-12) if expect_global else (abs(f - 3.99) < 0.01)
+    # (-1, 1, ..., 1) (f = 3.99): with the default c the budget test above asserts the
+    # global minimum from the same start; with c = 0 the method ends at the local one
+    # (documented in docs/classical.md).
+    solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8, regularisation=0.0)
+    sol = optx.minimise(
+        rosenbrock, solver, rosenbrock_start(100), max_steps=300, throw=False
+    )
+    assert sol.result == optx.RESULTS.successful
+    assert abs(float(rosenbrock(sol.value)) - 3.99) < 0.01
 
 
 def _wolfe_problem():
