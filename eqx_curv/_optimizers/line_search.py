@@ -137,17 +137,23 @@ class StrongWolfe(eqx.Module):
         max_step = jnp.asarray(self.max_step, dtype)
         eps = jnp.finfo(dtype).eps
         zero = jnp.zeros((), dtype)
-        init = _LoopState(
-            lo=_Trial(zero, f0, slope0),
-            hi=_Trial(jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype), zero),
-            grad_lo=grad0,
-            aux_lo=aux0,
-            alpha_next=jnp.minimum(jnp.asarray(alpha0, dtype), max_step),
-            num_evals=jnp.array(0),
-            satisfied=jnp.array(False),
-            # Not a descent direction: nothing to search.
-            done=~(slope0 < 0),
-        )
+        alpha_first = jnp.minimum(jnp.asarray(alpha0, dtype), max_step)
+        descent = slope0 < 0
+
+        def start():
+            return _LoopState(
+                lo=_Trial(zero, f0, slope0),
+                hi=_Trial(
+                    jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype), zero
+                ),
+                grad_lo=grad0,
+                aux_lo=aux0,
+                alpha_next=alpha_first,
+                num_evals=jnp.array(0),
+                satisfied=jnp.array(False),
+                # Not a descent direction: nothing to search.
+                done=~descent,
+            )
 
         def cond(s):
             return ~s.done
@@ -218,10 +224,9 @@ class StrongWolfe(eqx.Module):
         # Newton and quasi-Newton directions usually pass at the first trial. That
         # case is checked on its own, with no loop and little bookkeeping; only
         # otherwise does the bracketing-and-zoom loop run, from that first trial.
-        alpha_first = init.alpha_next
         f, g, aux, slope = evaluate(alpha_first)
         _, too_far, curvature_ok = judge(alpha_first, f, slope, f0)
-        passed = (slope0 < 0) & ~too_far & curvature_ok
+        passed = descent & ~too_far & curvature_ok
 
         def at_once():
             return LineSearchResult(
@@ -235,6 +240,8 @@ class StrongWolfe(eqx.Module):
             )
 
         def search_on():
+            # Built here, not outside: only this branch needs it.
+            init = start()
             first = update(init, alpha_first, f, g, aux, slope)
             first = eqx.tree_at(lambda s: s.done, first, first.done | init.done)
             out = jax.lax.while_loop(cond, body, first)

@@ -66,6 +66,12 @@ def all_finite(*xs) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
 
+def inner_products(*pairs: tuple[Array, Array]) -> Float[Array, " k"]:
+    """`[a @ b for a, b in pairs]` as one reduction: one kernel instead of one each,
+    which is what a small problem's iteration costs on a CPU."""
+    return jnp.sum(jnp.stack([a * b for a, b in pairs]), axis=-1)
+
+
 def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
@@ -178,10 +184,10 @@ class AbstractClassicalMinimiser(optx.AbstractMinimiser):
         memory: PyTree,
         num_evals: Int[Array, ""],
     ) -> MinimiserState:
-        """The next state: the new point's values where `ok`, else the old ones."""
-        f = jnp.where(ok, f, state.f)
-        grad = jnp.where(ok, grad, state.grad)
-        aux = where_tree(ok, aux, state.aux)
+        """The next state at the point `f, grad, aux` (the old one where not `ok`).
+
+        The memory is kept where not `ok`.
+        """
         memory = where_tree(ok, memory, state.memory)
         return MinimiserState(
             f=f,
@@ -246,15 +252,16 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
         if self.step_size is None:
             # The gradient is finite here, so a non-finite entry of p shows in the
             # slope.
-            slope = jnp.dot(p, state.grad)
+            slope, grad_sq = inner_products((p, state.grad), (state.grad, state.grad))
             usable = jnp.isfinite(slope) & (slope < 0)
-            grad_sq = jnp.dot(state.grad, state.grad)
             p = jnp.where(usable, p, -state.grad)
             slope = jnp.where(usable, slope, -grad_sq)
             alpha0 = jnp.where(usable, alpha0, 1 / jnp.maximum(1, jnp.sqrt(grad_sq)))
             found = self.search(
                 evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
             )
+            # Where the search found no decrease it returns the incoming point
+            # (alpha = 0, with its value, gradient and aux), so no selection is needed.
             alpha, f, grad, aux = found.alpha, found.f, found.grad, found.aux
             ok, num_evals = found.decreased, found.num_evals
             failure = optx.RESULTS.nonlinear_divergence
@@ -263,10 +270,13 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
             f, grad, aux = evaluate(x + alpha * p)
             ok, num_evals = all_finite(f, grad, p), jnp.array(1)
             failure = optx.RESULTS.nonfinite
+            f = jnp.where(ok, f, state.f)
+            grad = jnp.where(ok, grad, state.grad)
+            aux = where_tree(ok, aux, state.aux)
         s = jnp.where(ok, alpha * p, 0)
         x_new = x + s
         memory = self.update_memory(
-            state.memory, s, jnp.where(ok, grad - state.grad, 0), x_new, f, grad, alpha
+            state.memory, s, grad - state.grad, x_new, f, grad, alpha
         )
         new_state = self.finish_step(
             state, ok, failure, f, grad, aux, memory, num_evals

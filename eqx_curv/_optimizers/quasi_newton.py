@@ -30,16 +30,17 @@ from .minimiser import (
     AbstractLineSearchMinimiser,
     check_step_size,
     check_tolerances,
+    inner_products,
     MinimiserState,
     where_tree,
 )
 
 
-def _curvature_is_positive(s: Array, y: Array) -> Array:
-    """$y^\\top s > 0$ by a margin that rounding cannot fake."""
-    ys = jnp.dot(y, s)
-    eps = jnp.finfo(s.dtype).eps
-    return ys > eps * jnp.sqrt(jnp.dot(y, y) * jnp.dot(s, s))
+def _curvature_is_positive(ys: Array, yy: Array, ss: Array) -> Array:
+    """$y^\\top s > \\varepsilon \\lVert y\\rVert \\lVert s\\rVert$: positive by a margin that
+    rounding cannot fake (squared, so that no square root splits the kernel)."""
+    eps = jnp.finfo(ys.dtype).eps
+    return (ys > 0) & (ys**2 > eps**2 * yy * ss)
 
 
 def bfgs_inverse_update(
@@ -51,35 +52,40 @@ def bfgs_inverse_update(
     definiteness). Written as rank-two corrections, $O(n^2)$:
     $B_+ = B - \rho (s (By)^\top + (By) s^\top) + (\rho^2 y^\top B y + \rho) s s^\top$.
     """
-    ok = _curvature_is_positive(s, y)
-    rho = 1 / jnp.where(ok, jnp.dot(y, s), 1)
+    return _bfgs_inverse_update(inv_hessian, s, y)[0]
+
+
+def _bfgs_inverse_update(inv_hessian, s, y):
+    """`bfgs_inverse_update`, and whether the update was made."""
     by = inv_hessian @ y
+    ys, yy, ss, yby = inner_products((y, s), (y, y), (s, s), (y, by))
+    ok = _curvature_is_positive(ys, yy, ss)
+    rho = 1 / jnp.where(ok, ys, 1)
     updated = (
         inv_hessian
         - rho * (jnp.outer(s, by) + jnp.outer(by, s))
-        + (rho**2 * jnp.dot(y, by) + rho) * jnp.outer(s, s)
+        + (rho**2 * yby + rho) * jnp.outer(s, s)
     )
-    return jnp.where(ok, updated, inv_hessian)
+    return jnp.where(ok, updated, inv_hessian), ok
 
 
 class _BFGSMemory(eqx.Module):
     inv_hessian: Float[Array, "n n"]
-    first: Array  # no update yet: the first trial step is capped at unit length
+    # The line search's first trial: capped at unit length until the first update.
+    alpha0: Float[Array, ""]
 
 
 class AbstractBFGS(AbstractLineSearchMinimiser):
     """BFGS on the inverse Hessian; see [`eqx_curv.BFGS`][]."""
 
     def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
-        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), jnp.array(True))
-
-    def direction(self, value_fn, x, state: MinimiserState):
-        p = -(state.memory.inv_hessian @ state.grad)
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
-        norm = jnp.sqrt(jnp.dot(state.grad, state.grad))
-        alpha0 = jnp.where(state.memory.first, jnp.minimum(1, 1 / norm), 1)
-        return p, alpha0
+        unit = 1 / jnp.maximum(1, jnp.sqrt(jnp.dot(grad, grad)))
+        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), unit.astype(x.dtype))
+
+    def direction(self, value_fn, x, state: MinimiserState):
+        return -(state.memory.inv_hessian @ state.grad), state.memory.alpha0
 
     def update_memory(
         self, memory: _BFGSMemory, s, y, x_new, f, grad, alpha
@@ -87,8 +93,8 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
         # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
         # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
-        updated = bfgs_inverse_update(memory.inv_hessian, s, y)
-        return _BFGSMemory(updated, memory.first & ~_curvature_is_positive(s, y))
+        updated, made = _bfgs_inverse_update(memory.inv_hessian, s, y)
+        return _BFGSMemory(updated, jnp.where(made, 1, memory.alpha0))
 
 
 class BFGS(AbstractBFGS):
@@ -187,8 +193,9 @@ class AbstractLBFGS(AbstractLineSearchMinimiser):
         return p, alpha0
 
     def update_memory(self, memory: _LBFGSMemory, s, y, x_new, f, grad, alpha):
-        ok = _curvature_is_positive(s, y)
-        rho = 1 / jnp.where(ok, jnp.dot(y, s), 1)
+        ys, yy, ss = inner_products((y, s), (y, y), (s, s))
+        ok = _curvature_is_positive(ys, yy, ss)
+        rho = 1 / jnp.where(ok, ys, 1)
 
         # Drop the oldest pair and append the new one (a copy of O(Mn), cheaper than
         # the dynamic indexing a ring buffer needs in `lbfgs_two_loop`).
