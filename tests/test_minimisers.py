@@ -419,7 +419,8 @@ def test_strong_wolfe_refuses_an_ascent_direction():
     value_and_grad, x, f0, g0 = _wolfe_problem()
     out = eqx_curv.StrongWolfe()(value_and_grad, x, f0, g0, None, g0, jnp.asarray(1.0))
     assert not bool(out.decreased) and not bool(out.satisfied)
-    assert float(out.alpha) == 0.0 and int(out.num_evals) == 0
+    # The first trial is evaluated before the direction is judged, and counted.
+    assert float(out.alpha) == 0.0 and int(out.num_evals) == 1
     assert float(out.f) == float(f0)
     np.testing.assert_array_equal(out.grad, g0)
 

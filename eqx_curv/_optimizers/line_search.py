@@ -13,8 +13,10 @@ bracket that is not yet known is $+\infty$, and then the update rules of the two
 coincide; only the next trial differs (extrapolate while unbracketed, interpolate after).
 The loop runs only when the first trial fails either condition; the first trial itself
 is checked outside it (a `lax.cond`), since Newton and quasi-Newton steps usually pass
-at once, and entering a loop costs about a microsecond on a CPU (measured), which is
-more than the whole iteration of a small problem otherwise costs.
+at once. On a CPU a small problem's iteration costs what its XLA kernels cost to launch,
+not what they compute, so the search is written for few kernels: the ends of the
+bracket are each one array `[alpha, f, slope]`, and the result is read from the accepted
+trial after the conditional rather than inside it.
 
 A trial at which $f$ or $\nabla f$ is not finite is treated as a step that went too far:
 it becomes the upper end of the bracket and the next trial bisects towards the last good
@@ -28,9 +30,26 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 class _Trial(eqx.Module):
-    alpha: Float[Array, ""]
-    f: Float[Array, ""]
-    slope: Float[Array, ""]
+    """A trial step, its value and slope, held as one array `[alpha, f, slope]`, so
+    that choosing between two trials is one kernel rather than three."""
+
+    values: Float[Array, " 3"]
+
+    @property
+    def alpha(self) -> Float[Array, ""]:
+        return self.values[0]
+
+    @property
+    def f(self) -> Float[Array, ""]:
+        return self.values[1]
+
+    @property
+    def slope(self) -> Float[Array, ""]:
+        return self.values[2]
+
+
+def _trial(alpha, f, slope) -> _Trial:
+    return _Trial(jnp.stack([alpha, f, slope]))
 
 
 class _LoopState(eqx.Module):
@@ -80,6 +99,9 @@ class StrongWolfe(eqx.Module):
     shrink the step. If `max_evals` evaluations pass without meeting the curvature
     condition, the best step found with sufficient decrease is returned (flagged
     `satisfied=False`); if there is none, the step is zero (flagged `decreased=False`).
+    Along a direction that is not a descent direction the step is zero after the one
+    evaluation of the first trial (evaluated before the direction is judged, so that
+    the common case runs no extra kernel).
 
     **Arguments:**
 
@@ -142,8 +164,8 @@ class StrongWolfe(eqx.Module):
 
         def start():
             return _LoopState(
-                lo=_Trial(zero, f0, slope0),
-                hi=_Trial(
+                lo=_trial(zero, f0, slope0),
+                hi=_trial(
                     jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype), zero
                 ),
                 grad_lo=grad0,
@@ -151,8 +173,7 @@ class StrongWolfe(eqx.Module):
                 alpha_next=alpha_first,
                 num_evals=jnp.array(0),
                 satisfied=jnp.array(False),
-                # Not a descent direction: nothing to search.
-                done=~descent,
+                done=jnp.array(False),
             )
 
         def cond(s):
@@ -171,30 +192,27 @@ class StrongWolfe(eqx.Module):
             # propagate through the dot product, inf * 0 included), so checking the
             # slope checks g.
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
-            # Too far: becomes the upper end of the bracket.
-            too_far = ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
+            # Too far: becomes the upper end of the bracket. Along a direction that
+            # does not descend every step is: the search ends at alpha = 0.
+            too_far = ~descent | ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
             return finite, too_far, jnp.abs(slope) <= -c2 * slope0
 
         def update(s, alpha, f, g, aux, slope):
             finite, too_far, curvature_ok = judge(alpha, f, slope, s.lo.f)
-            trial = _Trial(alpha, f, slope)
+            trial = _trial(alpha, f, slope)
             accept = ~too_far & curvature_ok
             # Moving past `lo` would go uphill: the old `lo` becomes the upper end.
             flip = ~too_far & ~curvature_ok & (slope * (s.hi.alpha - s.lo.alpha) >= 0)
             new_lo_is_trial = ~too_far
-            if_nonfinite = _Trial(alpha, jnp.asarray(jnp.inf, dtype), zero)
-            hi = jax.tree.map(
-                lambda t, lo, h, bad: jnp.where(
-                    too_far, jnp.where(finite, t, bad), jnp.where(flip, lo, h)
-                ),
-                trial,
-                s.lo,
-                s.hi,
-                if_nonfinite,
+            if_nonfinite = _trial(alpha, jnp.asarray(jnp.inf, dtype), zero)
+            hi = _Trial(
+                jnp.where(
+                    too_far,
+                    jnp.where(finite, trial.values, if_nonfinite.values),
+                    jnp.where(flip, s.lo.values, s.hi.values),
+                )
             )
-            lo = jax.tree.map(
-                lambda t, lo: jnp.where(new_lo_is_trial, t, lo), trial, s.lo
-            )
+            lo = _Trial(jnp.where(new_lo_is_trial, trial.values, s.lo.values))
             grad_lo = jnp.where(new_lo_is_trial, g, s.grad_lo)
             aux_lo = jax.tree.map(
                 lambda a, b: jnp.where(new_lo_is_trial, a, b), aux, s.aux_lo
@@ -216,7 +234,9 @@ class StrongWolfe(eqx.Module):
             num_evals = s.num_evals + 1
             collapsed = bracketed & (width <= eps * jnp.maximum(lo.alpha, 1))
             at_cap = ~bracketed & (lo.alpha >= max_step)
-            done = accept | collapsed | at_cap | (num_evals >= self.max_evals)
+            done = (
+                accept | collapsed | at_cap | (num_evals >= self.max_evals) | ~descent
+            )
             return _LoopState(
                 lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, done
             )
@@ -226,36 +246,25 @@ class StrongWolfe(eqx.Module):
         # otherwise does the bracketing-and-zoom loop run, from that first trial.
         f, g, aux, slope = evaluate(alpha_first)
         _, too_far, curvature_ok = judge(alpha_first, f, slope, f0)
-        passed = descent & ~too_far & curvature_ok
+        passed = ~too_far & curvature_ok
 
+        # Both branches return the accepted trial as one array and the result is
+        # read from it afterwards: slicing inside a branch costs a kernel per field.
         def at_once():
-            return LineSearchResult(
-                alpha=alpha_first,
-                f=f,
-                grad=g,
-                aux=aux,
-                num_evals=jnp.array(1),
-                decreased=jnp.array(True),
-                satisfied=jnp.array(True),
-            )
+            return _trial(alpha_first, f, slope), g, aux, jnp.array(1), jnp.array(True)
 
         def search_on():
-            # Built here, not outside: only this branch needs it.
-            init = start()
-            first = update(init, alpha_first, f, g, aux, slope)
-            first = eqx.tree_at(lambda s: s.done, first, first.done | init.done)
+            first = update(start(), alpha_first, f, g, aux, slope)
             out = jax.lax.while_loop(cond, body, first)
-            searched = ~init.done
-            return LineSearchResult(
-                alpha=jnp.where(searched, out.lo.alpha, 0),
-                f=jnp.where(searched, out.lo.f, f0),
-                grad=jnp.where(searched, out.grad_lo, grad0),
-                aux=jax.tree.map(
-                    lambda a, b: jnp.where(searched, a, b), out.aux_lo, aux0
-                ),
-                num_evals=jnp.where(searched, out.num_evals, 0),
-                decreased=searched & (out.lo.alpha > 0) & (out.lo.f < f0),
-                satisfied=searched & out.satisfied,
-            )
+            return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied
 
-        return jax.lax.cond(passed, at_once, search_on)
+        lo, grad, aux, num_evals, satisfied = jax.lax.cond(passed, at_once, search_on)
+        return LineSearchResult(
+            alpha=lo.alpha,
+            f=lo.f,
+            grad=grad,
+            aux=aux,
+            num_evals=num_evals,
+            decreased=lo.alpha > 0,
+            satisfied=satisfied,
+        )
