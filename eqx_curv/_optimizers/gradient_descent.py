@@ -23,6 +23,8 @@ class _StepMemory(eqx.Module):
 class AbstractGradientDescent(AbstractLineSearchMinimiser):
     """Steepest descent; see [`eqx_curv.GradientDescent`][]."""
 
+    descends = True
+
     def init_memory(self, value_fn, x, f, grad) -> _StepMemory:
         norm = jnp.sqrt(jnp.dot(grad, grad))
         # A first step of unit length in x.

@@ -21,7 +21,7 @@ value and gradient stay at the last good iterate.
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -209,14 +209,22 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
     grad, alpha)` called after an accepted step $s = x_{k+1} - x_k = \alpha p$,
     $y = g_{k+1} - g_k$.
 
-    With `step_size=None` the step comes from `search`; a direction that is not a descent
-    direction (or not finite) is replaced by $-\\nabla f$ there. With a number, the
-    update is $x_{k+1} = x_k + \\text{step\\_size}\\, p$, exactly as written, as on the
+    With `step_size=None` the step comes from `search`. Where the direction may fail to
+    descend (a Newton step on an indefinite Hessian), a direction that is not a descent
+    direction (or not finite) is replaced by $-\\nabla f$ there. Solvers whose
+    directions descend wherever they are finite (quasi-Newton, $|H|$, diagonal
+    scalings: `descends = True`) skip that check, which costs several kernels per
+    iteration; should their direction still fail to descend, the search finds no
+    decrease and the solve stops with `RESULTS.nonlinear_divergence`, as scipy's and
+    optimistix's BFGS do. With a number, the update is
+    $x_{k+1} = x_k + \\text{step\\_size}\\, p$, exactly as written, as on the
     reference page's fixed-step demonstrations.
     """
 
     step_size: AbstractVar[float | None]
     search: AbstractVar[Any]
+    # Whether `direction` is a descent direction wherever it is finite.
+    descends: ClassVar[bool] = False
 
     @abc.abstractmethod
     def direction(
@@ -250,13 +258,19 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
         evaluate = value_and_grad_flat(fn, args, unravel)
         p, alpha0 = self.direction(scalar_fn_flat(fn, args, unravel), x, state)
         if self.step_size is None:
-            # The gradient is finite here, so a non-finite entry of p shows in the
-            # slope.
-            slope, grad_sq = inner_products((p, state.grad), (state.grad, state.grad))
-            usable = jnp.isfinite(slope) & (slope < 0)
-            p = jnp.where(usable, p, -state.grad)
-            slope = jnp.where(usable, slope, -grad_sq)
-            alpha0 = jnp.where(usable, alpha0, 1 / jnp.maximum(1, jnp.sqrt(grad_sq)))
+            if self.descends:
+                slope = jnp.dot(p, state.grad)
+            else:
+                # The gradient is finite here, so a non-finite entry of p shows in
+                # the slope.
+                slope, grad_sq = inner_products(
+                    (p, state.grad), (state.grad, state.grad)
+                )
+                usable = jnp.isfinite(slope) & (slope < 0)
+                p = jnp.where(usable, p, -state.grad)
+                slope = jnp.where(usable, slope, -grad_sq)
+                unit = 1 / jnp.maximum(1, jnp.sqrt(grad_sq))
+                alpha0 = jnp.where(usable, alpha0, unit)
             found = self.search(
                 evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
             )

@@ -78,6 +78,9 @@ class _BFGSMemory(eqx.Module):
 class AbstractBFGS(AbstractLineSearchMinimiser):
     """BFGS on the inverse Hessian; see [`eqx_curv.BFGS`][]."""
 
+    # B stays positive definite: updates are made only with y^T s > 0.
+    descends = True
+
     def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
@@ -173,6 +176,9 @@ class _LBFGSMemory(eqx.Module):
 
 class AbstractLBFGS(AbstractLineSearchMinimiser):
     """L-BFGS by the two-loop recursion; see [`eqx_curv.LBFGS`][]."""
+
+    # Pairs are stored only with y^T s > 0, so B is positive definite.
+    descends = True
 
     memory_size: eqx.AbstractVar[int]
 
