@@ -159,8 +159,16 @@ class StrongWolfe(eqx.Module):
         max_step = jnp.asarray(self.max_step, dtype)
         eps = jnp.finfo(dtype).eps
         zero = jnp.zeros((), dtype)
-        alpha_first = jnp.minimum(jnp.asarray(alpha0, dtype), max_step)
-        descent = slope0 < 0
+        alpha0 = jnp.asarray(alpha0, dtype)
+
+        # `first_trial()` and `descends()` are written as functions, computed again
+        # inside each branch below rather than passed in: an operand of a conditional
+        # is a buffer of its own (a kernel), a value computed in it is fused.
+        def first_trial():
+            return jnp.minimum(alpha0, max_step)
+
+        def descends():
+            return slope0 < 0
 
         def start():
             return _LoopState(
@@ -170,7 +178,7 @@ class StrongWolfe(eqx.Module):
                 ),
                 grad_lo=grad0,
                 aux_lo=aux0,
-                alpha_next=alpha_first,
+                alpha_next=first_trial(),
                 num_evals=jnp.array(0),
                 satisfied=jnp.array(False),
                 done=jnp.array(False),
@@ -194,7 +202,9 @@ class StrongWolfe(eqx.Module):
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
             # Too far: becomes the upper end of the bracket. Along a direction that
             # does not descend every step is: the search ends at alpha = 0.
-            too_far = ~descent | ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
+            too_far = (
+                ~descends() | ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
+            )
             return finite, too_far, jnp.abs(slope) <= -c2 * slope0
 
         def update(s, alpha, f, g, aux, slope):
@@ -235,7 +245,11 @@ class StrongWolfe(eqx.Module):
             collapsed = bracketed & (width <= eps * jnp.maximum(lo.alpha, 1))
             at_cap = ~bracketed & (lo.alpha >= max_step)
             done = (
-                accept | collapsed | at_cap | (num_evals >= self.max_evals) | ~descent
+                accept
+                | collapsed
+                | at_cap
+                | (num_evals >= self.max_evals)
+                | ~descends()
             )
             return _LoopState(
                 lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, done
@@ -244,17 +258,18 @@ class StrongWolfe(eqx.Module):
         # Newton and quasi-Newton directions usually pass at the first trial. That
         # case is checked on its own, with no loop and little bookkeeping; only
         # otherwise does the bracketing-and-zoom loop run, from that first trial.
-        f, g, aux, slope = evaluate(alpha_first)
-        _, too_far, curvature_ok = judge(alpha_first, f, slope, f0)
+        f, g, aux, slope = evaluate(first_trial())
+        _, too_far, curvature_ok = judge(first_trial(), f, slope, f0)
         passed = ~too_far & curvature_ok
 
         # Both branches return the accepted trial as one array and the result is
         # read from it afterwards: slicing inside a branch costs a kernel per field.
         def at_once():
-            return _trial(alpha_first, f, slope), g, aux, jnp.array(1), jnp.array(True)
+            trial = _trial(first_trial(), f, slope)
+            return trial, g, aux, jnp.array(1), jnp.array(True)
 
         def search_on():
-            first = update(start(), alpha_first, f, g, aux, slope)
+            first = update(start(), first_trial(), f, g, aux, slope)
             out = jax.lax.while_loop(cond, body, first)
             return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied
 
