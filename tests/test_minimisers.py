@@ -425,6 +425,17 @@ def test_strong_wolfe_refuses_an_ascent_direction():
     np.testing.assert_array_equal(out.grad, g0)
 
 
+@pytest.mark.parametrize("alpha0", [0.0, -1.0, float("nan")])
+def test_strong_wolfe_returns_the_incoming_point_for_a_bad_first_trial(alpha0):
+    # A step is returned as positive exactly when it decreased f; otherwise the point,
+    # value and gradient are the incoming ones (the minimisers rely on it).
+    value_and_grad, x, f0, g0 = _wolfe_problem()
+    out = eqx_curv.StrongWolfe()(value_and_grad, x, f0, g0, None, -g0, alpha0)
+    assert not bool(out.decreased)
+    assert float(out.alpha) == 0.0 and float(out.f) == float(f0)
+    np.testing.assert_array_equal(out.grad, g0)
+
+
 def test_nonfinite_start_reports_failure():
     sol = optx.minimise(
         _nan_beyond,

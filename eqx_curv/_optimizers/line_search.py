@@ -134,7 +134,7 @@ class StrongWolfe(eqx.Module):
         grad0: Float[Array, " n"],
         aux0: PyTree,
         direction: Float[Array, " n"],
-        alpha0: Float[Array, ""],
+        alpha0: float | Float[Array, ""],
         slope0: Float[Array, ""] | None = None,
     ) -> LineSearchResult:
         """Search along `direction` from `x`.
@@ -201,9 +201,15 @@ class StrongWolfe(eqx.Module):
             # slope checks g.
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
             # Too far: becomes the upper end of the bracket. Along a direction that
-            # does not descend every step is: the search ends at alpha = 0.
+            # does not descend every step is, and so is a step that is not positive
+            # (a first trial of 0 or NaN): the search then ends at alpha = 0, and a
+            # returned step is positive exactly when it decreased f.
             too_far = (
-                ~descends() | ~finite | (f > f0 + c1 * alpha * slope0) | (f >= f_lo)
+                ~descends()
+                | ~(alpha > 0)
+                | ~finite
+                | (f > f0 + c1 * alpha * slope0)
+                | (f >= f_lo)
             )
             return finite, too_far, jnp.abs(slope) <= -c2 * slope0
 
