@@ -196,6 +196,43 @@ def test_saddle_free_newton_goes_downhill_where_newton_goes_uphill(step_size):
     )
 
 
+def test_newton_line_search_falls_back_to_the_gradient_where_newton_ascends():
+    # At z0 the Newton direction -(z0) goes uphill along the negative curvature (slope
+    # g^T p = 0.48 > 0): with the line search, Newton searches along -grad instead.
+    z0 = jnp.array([0.1, 0.5])
+    sol = optx.minimise(
+        _saddle, eqx_curv.Newton(rtol=0.0, atol=1e-9), z0, max_steps=1, throw=False
+    )
+    assert float(_saddle(sol.value, None)) < float(_saddle(z0, None))
+    step = sol.value - z0
+    grad = jax.grad(_saddle)(z0, None)
+    np.testing.assert_allclose(
+        float(jnp.dot(step, grad)),
+        -float(jnp.linalg.norm(step) * jnp.linalg.norm(grad)),
+        rtol=1e-12,
+    )
+
+
+class _AscendingBFGS(eqx_curv.BFGS):
+    # Breaks the contract `descends = True` states, to show what then happens.
+    def direction(self, value_fn, x, state):
+        return state.grad, jnp.ones((), x.dtype)
+
+
+def test_a_direction_that_should_descend_but_does_not_stops_the_solve():
+    # Solvers whose directions descend by construction skip the fall-back to -grad; if
+    # one still does not descend, the solve stops with a failure at the last point.
+    z0 = jnp.array([0.1, 0.5])
+    solver = _AscendingBFGS(rtol=0.0, atol=1e-9)
+    assert solver.descends and not eqx_curv.Newton(rtol=0.0, atol=1e-9).descends
+    sol = optx.minimise(
+        lambda z, _: jnp.sum((z - 1.0) ** 2), solver, z0, max_steps=5, throw=False
+    )
+    assert sol.result == optx.RESULTS.nonlinear_divergence
+    np.testing.assert_array_equal(sol.value, z0)
+    assert _all_finite(sol.state)
+
+
 def test_diagonal_newton_uses_exact_diagonal():
     # Non-diagonal Hessian [[2, 1], [1, 4]] with row sums (3, 5): diagonal Newton takes
     # the step -g / (2, 4), not -g / (3, 5).
