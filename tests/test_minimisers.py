@@ -213,6 +213,22 @@ def test_newton_line_search_falls_back_to_the_gradient_where_newton_ascends():
     )
 
 
+def _cusp(z, args):
+    # Finite gradient everywhere, but the second derivative of |z0|^1.5 is not finite
+    # at z0 = 0.
+    return jnp.abs(z[0]) ** 1.5 + (z[1] - 1.0) ** 2
+
+
+@pytest.mark.parametrize("name", ["SaddleFreeNewton", "DiagonalNewton", "Newton"])
+def test_second_order_directions_fall_back_where_curvature_is_not_finite(name):
+    z0 = jnp.array([0.0, 0.0])
+    assert not bool(jnp.isfinite(jax.hessian(_cusp)(z0, None)).all())
+    solver = SOLVERS[name](rtol=0.0, atol=1e-9)
+    sol = optx.minimise(_cusp, solver, z0, max_steps=1, throw=False)
+    assert float(_cusp(sol.value, None)) < float(_cusp(z0, None))
+    assert _all_finite(sol.state)
+
+
 class _AscendingBFGS(eqx_curv.BFGS):
     # Breaks the contract `descends = True` states, to show what then happens.
     def direction(self, value_fn, x, state):

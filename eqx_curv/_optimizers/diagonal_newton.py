@@ -21,9 +21,6 @@ from .minimiser import (
 class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
     """Newton with $\\operatorname{diag}(H)$; see [`eqx_curv.DiagonalNewton`][]."""
 
-    # -g divided by positive (floored) curvatures.
-    descends = True
-
     min_curvature: eqx.AbstractVar[float]
 
     def init_memory(self, value_fn, x, f, grad) -> None:

@@ -209,14 +209,14 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
     grad, alpha)` called after an accepted step $s = x_{k+1} - x_k = \alpha p$,
     $y = g_{k+1} - g_k$.
 
-    With `step_size=None` the step comes from `search`. Where the direction may fail to
-    descend (a Newton step on an indefinite Hessian), a direction that is not a descent
-    direction (or not finite) is replaced by $-\\nabla f$ there. Solvers whose
-    directions descend wherever they are finite (quasi-Newton, $|H|$, diagonal
-    scalings: `descends = True`) skip that check, which costs several kernels per
-    iteration; should their direction still fail to descend, the search finds no
-    decrease and the solve stops with `RESULTS.nonlinear_divergence`, as scipy's and
-    optimistix's BFGS do. With a number, the update is
+    With `step_size=None` the step comes from `search`. A direction that is not a
+    descent direction (a Newton step on an indefinite Hessian) or not finite (curvature
+    that is not finite where the gradient is) is replaced by $-\\nabla f$ there.
+    Solvers whose directions are built from the gradient alone and descend wherever
+    they are finite (BFGS, L-BFGS, gradient descent: `descends = True`) skip that check,
+    which costs several kernels per iteration; should their direction still fail to
+    descend, the search finds no decrease and the solve stops with
+    `RESULTS.nonlinear_divergence`, as scipy's and optimistix's BFGS do. With a number, the update is
     $x_{k+1} = x_k + \\text{step\\_size}\\, p$, exactly as written, as on the
     reference page's fixed-step demonstrations.
     """

@@ -185,9 +185,6 @@ def _trust_region_step(
 class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
     """Newton with $|H|$ in a trust region; see [`eqx_curv.SaddleFreeNewton`][]."""
 
-    # -(|H| + mu I)^{-1} g with |H| floored positive definite.
-    descends = True
-
     initial_radius: eqx.AbstractVar[float]
     max_radius: eqx.AbstractVar[float]
     regularisation: eqx.AbstractVar[float]
