@@ -38,7 +38,13 @@ from .minimiser import (
 
 def _curvature_is_positive(ys: Array, yy: Array, ss: Array) -> Array:
     """$y^\\top s > \\varepsilon \\lVert y\\rVert \\lVert s\\rVert$: positive by a margin that
-    rounding cannot fake (squared, so that no square root splits the kernel)."""
+    rounding cannot fake.
+
+    Tested squared, so that no square root splits the kernel. Where the squares over-
+    or underflow (in float32, $|y^\\top s|$ beyond about $10^{19}$ or below about
+    $10^{-19}$) the test can come out false, and the update is then skipped, which is
+    safe.
+    """
     eps = jnp.finfo(ys.dtype).eps
     return (ys > 0) & (ys**2 > eps**2 * yy * ss)
 
