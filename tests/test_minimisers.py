@@ -478,15 +478,89 @@ def test_strong_wolfe_refuses_an_ascent_direction():
     np.testing.assert_array_equal(out.grad, g0)
 
 
+def _falls_both_ways(x):
+    # Along d = (1, 0) from (0, 0.5), f falls for positive and for negative steps
+    # (f(t) = -t^2 - 0.01 t + 0.25), so only the search's own rule keeps the step
+    # positive. The aux is the point itself.
+    f = -(x[0] ** 2) - 0.01 * x[0] + x[1] ** 2
+    return f, jax.grad(lambda z: -(z[0] ** 2) - 0.01 * z[0] + z[1] ** 2)(x), x
+
+
 @pytest.mark.parametrize("alpha0", [0.0, -1.0, float("nan")])
 def test_strong_wolfe_returns_the_incoming_point_for_a_bad_first_trial(alpha0):
     # A step is returned as positive exactly when it decreased f; otherwise the point,
-    # value and gradient are the incoming ones (the minimisers rely on it).
-    value_and_grad, x, f0, g0 = _wolfe_problem()
-    out = eqx_curv.StrongWolfe()(value_and_grad, x, f0, g0, None, -g0, alpha0)
+    # value, gradient and aux are the incoming ones (the minimisers rely on it).
+    x = jnp.array([0.0, 0.5])
+    f0, g0, aux0 = _falls_both_ways(x)
+    d = jnp.array([1.0, 0.0])
+    assert float(_falls_both_ways(x - d)[0]) < float(f0)  # a step of -1 decreases f
+    out = eqx_curv.StrongWolfe()(_falls_both_ways, x, f0, g0, aux0, d, alpha0)
     assert not bool(out.decreased)
     assert float(out.alpha) == 0.0 and float(out.f) == float(f0)
     np.testing.assert_array_equal(out.grad, g0)
+    np.testing.assert_array_equal(out.aux, aux0)
+
+
+def test_strong_wolfe_with_a_nan_start_value_returns_no_step():
+    x = jnp.array([0.0, 0.5])
+    _, g0, aux0 = _falls_both_ways(x)
+    f0 = jnp.asarray(jnp.nan)
+    d = jnp.array([1.0, 0.0])
+    out = eqx_curv.StrongWolfe()(_falls_both_ways, x, f0, g0, aux0, d, 1.0)
+    assert not bool(out.decreased) and float(out.alpha) == 0.0
+    np.testing.assert_array_equal(out.grad, g0)
+
+
+def test_bfgs_first_trial_stays_unit_length_until_an_update_is_made():
+    # The first trial is min(1, 1/|g|) at the current gradient until the first BFGS
+    # update is made, then 1.
+    solver = eqx_curv.BFGS(rtol=0.0, atol=1e-8)
+    x = jnp.array([0.0, 0.0])
+    g0 = jnp.array([3.0, 4.0])
+    memory = solver.init_memory(None, x, jnp.asarray(0.0), g0)
+    assert float(memory.alpha0) == pytest.approx(1 / 5)
+    # y^T s < 0: no update; the next gradient has norm 10.
+    g1 = jnp.array([6.0, 8.0])
+    skipped = solver.update_memory(
+        memory, jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0]), x, 0.0, g1, 1.0
+    )
+    np.testing.assert_array_equal(skipped.inv_hessian, memory.inv_hessian)
+    assert float(skipped.alpha0) == pytest.approx(1 / 10)
+    # A gradient shorter than 1 gives a first trial of 1.
+    small = solver.update_memory(
+        memory, jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0]), x, 0.0, g1 / 100, 1.0
+    )
+    assert float(small.alpha0) == 1.0
+    # y^T s > 0: updated, and from then on the first trial is 1.
+    made = solver.update_memory(
+        skipped, jnp.array([1.0, 0.0]), jnp.array([2.0, 0.0]), x, 0.0, g1, 1.0
+    )
+    assert float(made.alpha0) == 1.0 and not bool(made.first)
+    again = solver.update_memory(
+        made, jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0]), x, 0.0, g1, 1.0
+    )
+    assert float(again.alpha0) == 1.0
+
+
+def test_bfgs_curvature_margin_squared_matches_the_plain_test():
+    from eqx_curv._optimizers.quasi_newton import _curvature_is_positive
+
+    eps = float(jnp.finfo(jnp.float32).eps)
+    for y, s_ in [
+        ((1e-15, 0.0), (1e-3, 1e10)),  # y^T s far below eps |y||s|: skip
+        ((1.0, 0.0), (1.0, 0.0)),
+        ((1.0, 1e-3), (1.0, -1.0)),
+        ((1e-20, 0.0), (1e-20, 0.0)),  # both sides underflow: skipped (safe)
+    ]:
+        y32, s32 = jnp.asarray(y, jnp.float32), jnp.asarray(s_, jnp.float32)
+        ys, yy, ss = jnp.dot(y32, s32), jnp.dot(y32, y32), jnp.dot(s32, s32)
+        got = bool(jax.jit(_curvature_is_positive)(ys, yy, ss))
+        y64, s64 = np.asarray(y), np.asarray(s_)
+        exact = float(y64 @ s64) > eps * np.linalg.norm(y64) * np.linalg.norm(s64)
+        if y == (1e-20, 0.0):
+            assert not got
+        else:
+            assert got == exact
 
 
 def test_nonfinite_start_reports_failure():

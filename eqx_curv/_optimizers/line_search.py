@@ -202,14 +202,15 @@ class StrongWolfe(eqx.Module):
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
             # Too far: becomes the upper end of the bracket. Along a direction that
             # does not descend every step is, and so is a step that is not positive
-            # (a first trial of 0 or NaN): the search then ends at alpha = 0, and a
-            # returned step is positive exactly when it decreased f.
+            # (a first trial of 0 or NaN), and so is every step if f0 is NaN: the
+            # search then ends at alpha = 0, and a returned step is positive exactly
+            # when it decreased f.
             too_far = (
                 ~descends()
                 | ~(alpha > 0)
                 | ~finite
                 | (f > f0 + c1 * alpha * slope0)
-                | (f >= f_lo)
+                | ~(f < f_lo)
             )
             return finite, too_far, jnp.abs(slope) <= -c2 * slope0
 

@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .line_search import StrongWolfe
 from .minimiser import (
@@ -40,13 +40,13 @@ def _curvature_is_positive(ys: Array, yy: Array, ss: Array) -> Array:
     """$y^\\top s > \\varepsilon \\lVert y\\rVert \\lVert s\\rVert$: positive by a margin that
     rounding cannot fake.
 
-    Tested squared, so that no square root splits the kernel. Where the squares over-
-    or underflow (in float32, $|y^\\top s|$ beyond about $10^{19}$ or below about
-    $10^{-19}$) the test can come out false, and the update is then skipped, which is
-    safe.
+    Tested as $(y^\\top s / \\varepsilon)^2 > \\lVert y\\rVert^2 \\lVert s\\rVert^2$, so that no
+    square root splits the kernel ($\\varepsilon$ is a power of two: the division is
+    exact). That agrees with the unsquared test except where both sides overflow or
+    both underflow, where it is false and the update is skipped, which is safe.
     """
     eps = jnp.finfo(ys.dtype).eps
-    return (ys > 0) & (ys**2 > eps**2 * yy * ss)
+    return (ys > 0) & ((ys / eps) ** 2 > yy * ss)
 
 
 def bfgs_inverse_update(
@@ -61,10 +61,13 @@ def bfgs_inverse_update(
     return _bfgs_inverse_update(inv_hessian, s, y)[0]
 
 
-def _bfgs_inverse_update(inv_hessian, s, y):
-    """`bfgs_inverse_update`, and whether the update was made."""
+def _bfgs_inverse_update(inv_hessian, s, y, *more_pairs):
+    """`bfgs_inverse_update`, whether the update was made, and the inner products of
+    `more_pairs` (computed in the same reduction)."""
     by = inv_hessian @ y
-    ys, yy, ss, yby = inner_products((y, s), (y, y), (s, s), (y, by))
+    ys, yy, ss, yby, *more = inner_products(
+        (y, s), (y, y), (s, s), (y, by), *more_pairs
+    )
     ok = _curvature_is_positive(ys, yy, ss)
     rho = 1 / jnp.where(ok, ys, 1)
     updated = (
@@ -72,12 +75,19 @@ def _bfgs_inverse_update(inv_hessian, s, y):
         - rho * (jnp.outer(s, by) + jnp.outer(by, s))
         + (rho**2 * yby + rho) * jnp.outer(s, s)
     )
-    return jnp.where(ok, updated, inv_hessian), ok
+    return jnp.where(ok, updated, inv_hessian), ok, more
+
+
+def _unit_step(grad_sq: Array) -> Array:
+    """The step along $-g$ of length at most 1: $\\min(1, 1/\\lVert g\\rVert)$."""
+    return 1 / jnp.maximum(1, jnp.sqrt(grad_sq))
 
 
 class _BFGSMemory(eqx.Module):
     inv_hessian: Float[Array, "n n"]
-    # The line search's first trial: capped at unit length until the first update.
+    first: Bool[Array, ""]  # no update made yet
+    # The next line search's first trial: 1 after an update, else a step of unit
+    # length, computed with the update (one kernel less in the next iteration).
     alpha0: Float[Array, ""]
 
 
@@ -90,8 +100,8 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
     def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
-        unit = 1 / jnp.maximum(1, jnp.sqrt(jnp.dot(grad, grad)))
-        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), unit.astype(x.dtype))
+        unit = _unit_step(jnp.dot(grad, grad)).astype(x.dtype)
+        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), jnp.array(True), unit)
 
     def direction(self, value_fn, x, state: MinimiserState):
         return -(state.memory.inv_hessian @ state.grad), state.memory.alpha0
@@ -102,8 +112,11 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
         # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
         # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
-        updated, made = _bfgs_inverse_update(memory.inv_hessian, s, y)
-        return _BFGSMemory(updated, jnp.where(made, 1, memory.alpha0))
+        updated, made, (grad_sq,) = _bfgs_inverse_update(
+            memory.inv_hessian, s, y, (grad, grad)
+        )
+        first = memory.first & ~made
+        return _BFGSMemory(updated, first, jnp.where(first, _unit_step(grad_sq), 1))
 
 
 class BFGS(AbstractBFGS):
