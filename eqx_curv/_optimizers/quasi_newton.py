@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .line_search import StrongWolfe
 from .minimiser import (
@@ -61,13 +61,10 @@ def bfgs_inverse_update(
     return _bfgs_inverse_update(inv_hessian, s, y)[0]
 
 
-def _bfgs_inverse_update(inv_hessian, s, y, *more_pairs):
-    """`bfgs_inverse_update`, whether the update was made, and the inner products of
-    `more_pairs` (computed in the same reduction)."""
+def _bfgs_inverse_update(inv_hessian, s, y):
+    """`bfgs_inverse_update`, and whether the update was made."""
     by = inv_hessian @ y
-    ys, yy, ss, yby, *more = inner_products(
-        (y, s), (y, y), (s, s), (y, by), *more_pairs
-    )
+    ys, yy, ss, yby = inner_products((y, s), (y, y), (s, s), (y, by))
     ok = _curvature_is_positive(ys, yy, ss)
     rho = 1 / jnp.where(ok, ys, 1)
     updated = (
@@ -75,7 +72,7 @@ def _bfgs_inverse_update(inv_hessian, s, y, *more_pairs):
         - rho * (jnp.outer(s, by) + jnp.outer(by, s))
         + (rho**2 * yby + rho) * jnp.outer(s, s)
     )
-    return jnp.where(ok, updated, inv_hessian), ok, more
+    return jnp.where(ok, updated, inv_hessian), ok
 
 
 def _unit_step(grad_sq: Array) -> Array:
@@ -85,9 +82,8 @@ def _unit_step(grad_sq: Array) -> Array:
 
 class _BFGSMemory(eqx.Module):
     inv_hessian: Float[Array, "n n"]
-    first: Bool[Array, ""]  # no update made yet
-    # The next line search's first trial: 1 after an update, else a step of unit
-    # length, computed with the update (one kernel less in the next iteration).
+    # The line search's first trial: a step of unit length on the first iteration,
+    # then 1. Kept here rather than computed from the gradient at each iteration.
     alpha0: Float[Array, ""]
 
 
@@ -101,7 +97,7 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
         unit = _unit_step(jnp.dot(grad, grad)).astype(x.dtype)
-        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), jnp.array(True), unit)
+        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), unit)
 
     def direction(self, value_fn, x, state: MinimiserState):
         return -(state.memory.inv_hessian @ state.grad), state.memory.alpha0
@@ -112,11 +108,8 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
         # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
         # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
-        updated, made, (grad_sq,) = _bfgs_inverse_update(
-            memory.inv_hessian, s, y, (grad, grad)
-        )
-        first = memory.first & ~made
-        return _BFGSMemory(updated, first, jnp.where(first, _unit_step(grad_sq), 1))
+        updated, _ = _bfgs_inverse_update(memory.inv_hessian, s, y)
+        return _BFGSMemory(updated, jnp.ones_like(memory.alpha0))
 
 
 class BFGS(AbstractBFGS):
