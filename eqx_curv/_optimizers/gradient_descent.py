@@ -13,6 +13,7 @@ from .minimiser import (
     check_step_size,
     check_tolerances,
     MinimiserState,
+    unit_step,
 )
 
 
@@ -26,11 +27,8 @@ class AbstractGradientDescent(AbstractLineSearchMinimiser):
     descends = True
 
     def init_memory(self, value_fn, x, f, grad) -> _StepMemory:
-        norm = jnp.sqrt(jnp.dot(grad, grad))
         # A first step of unit length in x.
-        return _StepMemory(
-            jnp.minimum(1, 1 / jnp.maximum(norm, jnp.finfo(x.dtype).tiny))
-        )
+        return _StepMemory(unit_step(jnp.dot(grad, grad)))
 
     def direction(self, value_fn, x, state: MinimiserState):
         # Steepest descent directions have no natural scale: start each search from

@@ -72,6 +72,12 @@ def inner_products(*pairs: tuple[Array, Array]) -> Float[Array, " k"]:
     return jnp.sum(jnp.stack([a * b for a, b in pairs]), axis=-1)
 
 
+def unit_step(grad_sq: Array) -> Array:
+    """$\\min(1, 1/\\lVert g\\rVert)$ from $\\lVert g\\rVert^2$: the step along $-g$ of length at
+    most 1 (1 for $g = 0$)."""
+    return 1 / jnp.maximum(1, jnp.sqrt(grad_sq))
+
+
 def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
@@ -269,8 +275,7 @@ class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
                 usable = jnp.isfinite(slope) & (slope < 0)
                 p = jnp.where(usable, p, -state.grad)
                 slope = jnp.where(usable, slope, -grad_sq)
-                unit = 1 / jnp.maximum(1, jnp.sqrt(grad_sq))
-                alpha0 = jnp.where(usable, alpha0, unit)
+                alpha0 = jnp.where(usable, alpha0, unit_step(grad_sq))
             found = self.search(
                 evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
             )

@@ -32,6 +32,7 @@ from .minimiser import (
     check_tolerances,
     inner_products,
     MinimiserState,
+    unit_step,
     where_tree,
 )
 
@@ -58,11 +59,6 @@ def bfgs_inverse_update(
     definiteness). Written as rank-two corrections, $O(n^2)$:
     $B_+ = B - \rho (s (By)^\top + (By) s^\top) + (\rho^2 y^\top B y + \rho) s s^\top$.
     """
-    return _bfgs_inverse_update(inv_hessian, s, y)[0]
-
-
-def _bfgs_inverse_update(inv_hessian, s, y):
-    """`bfgs_inverse_update`, and whether the update was made."""
     by = inv_hessian @ y
     ys, yy, ss, yby = inner_products((y, s), (y, y), (s, s), (y, by))
     ok = _curvature_is_positive(ys, yy, ss)
@@ -72,12 +68,7 @@ def _bfgs_inverse_update(inv_hessian, s, y):
         - rho * (jnp.outer(s, by) + jnp.outer(by, s))
         + (rho**2 * yby + rho) * jnp.outer(s, s)
     )
-    return jnp.where(ok, updated, inv_hessian), ok
-
-
-def _unit_step(grad_sq: Array) -> Array:
-    """The step along $-g$ of length at most 1: $\\min(1, 1/\\lVert g\\rVert)$."""
-    return 1 / jnp.maximum(1, jnp.sqrt(grad_sq))
+    return jnp.where(ok, updated, inv_hessian)
 
 
 class _BFGSMemory(eqx.Module):
@@ -96,7 +87,7 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
     def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
-        unit = _unit_step(jnp.dot(grad, grad)).astype(x.dtype)
+        unit = unit_step(jnp.dot(grad, grad)).astype(x.dtype)
         return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), unit)
 
     def direction(self, value_fn, x, state: MinimiserState):
@@ -108,7 +99,7 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
         # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
         # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
         # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
-        updated, _ = _bfgs_inverse_update(memory.inv_hessian, s, y)
+        updated = bfgs_inverse_update(memory.inv_hessian, s, y)
         return _BFGSMemory(updated, jnp.ones_like(memory.alpha0))
 
 
