@@ -10,7 +10,11 @@ import optimistix as optx
 import pytest
 
 import eqx_curv
-from eqx_curv._optimizers.quasi_newton import bfgs_inverse_update, lbfgs_two_loop
+from eqx_curv._optimizers.quasi_newton import (
+    _curvature_is_positive,
+    bfgs_inverse_update,
+    lbfgs_two_loop,
+)
 from eqx_curv.experiments.problems import (
     beale,
     BEALE_START,
@@ -482,8 +486,8 @@ def _falls_both_ways(x):
     # Along d = (1, 0) from (0, 0.5), f falls for positive and for negative steps
     # (f(t) = -t^2 - 0.01 t + 0.25), so only the search's own rule keeps the step
     # positive. The aux is the point itself.
-    f = -(x[0] ** 2) - 0.01 * x[0] + x[1] ** 2
-    return f, jax.grad(lambda z: -(z[0] ** 2) - 0.01 * z[0] + z[1] ** 2)(x), x
+    f, g = jax.value_and_grad(lambda z: -(z[0] ** 2) - 0.01 * z[0] + z[1] ** 2)(x)
+    return f, g, x
 
 
 @pytest.mark.parametrize("alpha0", [0.0, -1.0, float("nan")])
@@ -531,8 +535,6 @@ def test_bfgs_first_trial_is_unit_length_on_the_first_iteration_only():
 
 
 def test_bfgs_curvature_margin_squared_matches_the_plain_test():
-    from eqx_curv._optimizers.quasi_newton import _curvature_is_positive
-
     eps = float(jnp.finfo(jnp.float32).eps)
     for y, s_ in [
         ((1e-15, 0.0), (1e-3, 1e10)),  # y^T s far below eps |y||s|: skip

@@ -87,8 +87,9 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
     def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
         # Before any curvature information a unit step along -g has no scale: cap
         # the first step at unit length.
-        unit = unit_step(jnp.dot(grad, grad)).astype(x.dtype)
-        return _BFGSMemory(jnp.eye(x.size, dtype=x.dtype), unit)
+        return _BFGSMemory(
+            jnp.eye(x.size, dtype=x.dtype), unit_step(jnp.dot(grad, grad))
+        )
 
     def direction(self, value_fn, x, state: MinimiserState):
         return -(state.memory.inv_hessian @ state.grad), state.memory.alpha0
@@ -197,6 +198,9 @@ class AbstractLBFGS(AbstractLineSearchMinimiser):
     def direction(self, value_fn, x, state: MinimiserState):
         mem = state.memory
         p = -lbfgs_two_loop(mem.s, mem.y, mem.rho, state.grad)
+        # min(1, 1/|g|) as `unit_step` computes it, but written so: XLA turns this
+        # 1/sqrt into rsqrt, and the other form's last-bit difference changes the
+        # L-BFGS path on Rosenbrock 100-D (533 -> 530 iterations) by rounding alone.
         norm = jnp.sqrt(jnp.dot(state.grad, state.grad))
         alpha0 = jnp.where(mem.num_pairs == 0, jnp.minimum(1, 1 / norm), 1)
         return p, alpha0
