@@ -13,6 +13,10 @@ import pytest
 
 # Float64 dense oracles need x64; tests that exercise float32 say so explicitly.
 jax.config.update("jax_enable_x64", True)
+# As lineax's own suite: no implicit dtype promotion and no implicit rank promotion, so
+# the library never relies on either.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 hypothesis.settings.register_profile(
     "dev", max_examples=10, deadline=None, print_blob=True
