@@ -63,7 +63,10 @@ def test_hvp_and_sqrt_against_jax_hessian(name, key):
     t = jax.random.normal(jax.random.key(3), o.shape)
     expected = jnp.einsum("nij,nj->ni", blocks, t) / N
     eps = float(jnp.finfo(o.dtype).eps)
-    np.testing.assert_allclose(loss.hvp(o, y, t), expected, atol=100 * eps)
+    np.testing.assert_allclose(loss.hvp(o, t, targets=y), expected, atol=100 * eps)
+    # The built-in losses' Hessians do not involve the targets.
+    assert not loss.hessian_depends_on_targets
+    np.testing.assert_allclose(loss.hvp(o, t), expected, atol=100 * eps)
     s = loss.hessian_sqrt(o)
     assert s.shape == (N, C, C)
     np.testing.assert_allclose(s @ jnp.swapaxes(s, 1, 2), blocks, atol=100 * eps)
@@ -117,7 +120,8 @@ def test_sampling_matches_predictive_distribution(name, key):
         freq, mean = draws.mean(0), jax.nn.sigmoid(o)
         var = mean * (1 - mean)
     # within 5 standard errors
-    np.testing.assert_array_less(jnp.abs(freq - mean), 5 * jnp.sqrt(var / num) + 1e-12)
+    freq, mean, var = (np.asarray(a, np.float64) for a in (freq, mean, var))
+    np.testing.assert_array_less(np.abs(freq - mean), 5 * np.sqrt(var / num) + 1e-12)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -126,7 +130,7 @@ def test_float32_stays_float32(name, key):
     if name != "softmax":
         y = y.astype(jnp.float64)  # float64 targets must not promote the loss
     assert loss(o, y).dtype == jnp.float32
-    assert loss.hvp(o, y, o).dtype == jnp.float32
+    assert loss.hvp(o, o, targets=y).dtype == jnp.float32
     assert loss.hessian_sqrt(o).dtype == jnp.float32
     assert loss.symmetric_hessian_sqrt(o).dtype == jnp.float32
     assert jax.grad(loss)(o, y).dtype == jnp.float32
@@ -140,9 +144,15 @@ def test_bce_accepts_integer_labels(key):
 def test_bad_targets(key):
     loss, o, y = _problem("softmax", key)
     with pytest.raises(TypeError, match="integer class indices"):
-        loss(o, jax.nn.one_hot(y, C))
-    with pytest.raises(ValueError, match=r"shape \[batch\]"):
+        loss(o, y.astype(o.dtype))  # float labels: not probabilities
+    with pytest.raises(ValueError, match=r"shape \[batch, \*tokens\]"):
         loss(o, y[:, None])
+    with pytest.raises(ValueError, match="shape of `outputs`"):
+        loss(o, jax.nn.one_hot(y, C + 1))
+    with pytest.raises(TypeError, match="astype"):
+        loss(o, jax.nn.one_hot(y, C) > 0)
+    with pytest.raises((ValueError, TypeError)):  # jaxtyping's check comes first
+        loss.hvp(o, o[:, :2])
     # (under pytest the jaxtyping annotation catches this first)
     with pytest.raises((ValueError, TypeError), match=r"\[batch, classes\]|batch"):
         eqx_curv.SoftmaxCrossEntropy()(o[0], y)
@@ -151,11 +161,13 @@ def test_bad_targets(key):
         with pytest.raises(ValueError, match="must have the shape of `outputs`"):
             loss(o, y[:, :2])
         with pytest.raises(ValueError, match="must have the shape of `outputs`"):
-            loss.hvp(o, y[:3], o)
+            loss.hvp(o, o, targets=y[:3])
     # Without pytest's jaxtyping checks, these sentences are what a user sees.
-    from eqx_curv._losses import _check_outputs
+    from eqx_curv._losses import _check_outputs, _check_tangents
 
     with pytest.raises(TypeError, match="floating-point"):
         _check_outputs("MeanSquaredError", jnp.ones((N, C), jnp.int32))
     with pytest.raises(ValueError, match="leading batch axis"):
         _check_outputs("MeanSquaredError", jnp.asarray(1.0))
+    with pytest.raises(ValueError, match="`tangents` of `MeanSquaredError.hvp` must"):
+        _check_tangents("MeanSquaredError", jnp.ones((N, C)), jnp.ones((N, 2)))

@@ -208,7 +208,7 @@ class GGNOperator(_AbstractOutputSpaceOperator):
         self.model_key = key
 
     def _output_map(self, outputs: Array) -> Callable[[Array], Array]:
-        return lambda t: self.loss.hvp(outputs, self.targets, t)
+        return lambda t: self.loss.hvp(outputs, t, targets=self.targets)
 
 
 class FisherOperator(_AbstractOutputSpaceOperator):
@@ -274,7 +274,7 @@ class FisherOperator(_AbstractOutputSpaceOperator):
             # targets do not enter it, so the loss's own sample stands in for them.
             placeholder = jax.eval_shape(self.loss.sample, jax.random.key(0), outputs)
             targets = jnp.zeros(placeholder.shape, placeholder.dtype)
-            return lambda t: self.loss.hvp(outputs, targets, t)
+            return lambda t: self.loss.hvp(outputs, t, targets=targets)
         targets = sample_targets(self.loss, self.key, self.num_samples, outputs)
         residuals = jax.vmap(lambda y: _per_example_gradients(self.loss, outputs, y))(
             targets
