@@ -17,7 +17,7 @@ def _spd(key, n, cond, dtype):
     """A dense SPD matrix with eigenvalues log-spaced in [1, cond]."""
     q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float64))
     eig = jnp.logspace(0, np.log10(cond), n)
-    return ((q * eig) @ q.T).astype(dtype)
+    return ((q * eig[None, :]) @ q.T).astype(dtype)
 
 
 def _solve(matrix, b, solver, **kwargs):
@@ -348,7 +348,9 @@ def test_float32_million_unknowns_ggn_like_converges_where_lineax_fails():
     # rounding error of the float32 product at that point (triangle inequality).
     d64, w64, s64, y64 = (x.astype(jnp.float64) for x in (d, w, s, ours))
     exact_product = _ggn_mv(d64, w64, s64, y64)
-    rounding = float(jnp.linalg.norm(_ggn_mv(d, w, s, ours) - exact_product))
+    rounding = float(
+        jnp.linalg.norm(_ggn_mv(d, w, s, ours).astype(jnp.float64) - exact_product)
+    )
     residual64 = float(jnp.linalg.norm(b.astype(jnp.float64) - exact_product))
     assert rounding < rtol * bnorm
     assert residual64 <= rtol * bnorm + rounding

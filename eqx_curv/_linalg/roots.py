@@ -189,7 +189,7 @@ def eigh_inverse_pth_root(
     w, q = jnp.linalg.eigh(sym)
     positive = w[0] > 0
     scale = jnp.where(w > 0, w, jnp.nan) ** (-1.0 / p)
-    return _mm(q * scale, q.T), positive
+    return _mm(q * scale[None, :], q.T), positive
 
 
 def inverse_pth_root(
