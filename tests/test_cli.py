@@ -43,3 +43,37 @@ def test_unknown_subcommand_is_an_argparse_error(capsys):
         main(["no-such-command"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_imports_no_subcommand_module():
+    # In a fresh interpreter: listing the subcommands must not import any of them (nor
+    # their optional dependencies); running one imports only that one.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from eqx_curv.experiments.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = [m for m in ('eqx_curv.experiments.compare',"
+        " 'eqx_curv.experiments.toy2d', 'matplotlib', 'tqdm', 'sklearn')"
+        " if m in sys.modules]\n"
+        "print('LOADED', ' '.join(loaded))\n"
+    )
+
+    def loaded(*argv):
+        out = subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (line,) = [x for x in out.splitlines() if x.startswith("LOADED")]
+        return set(line.split()[1:])
+
+    assert loaded("--help") == set()
+    assert "eqx_curv.experiments.compare" not in loaded("toy2d", "--help")
+    assert "eqx_curv.experiments.toy2d" in loaded("toy2d", "--help")

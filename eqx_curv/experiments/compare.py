@@ -22,11 +22,6 @@ import eqx_curv
 from .data import digits
 
 
-HELP = (
-    "Build each curvature operator on an MLP trained on sklearn digits, solve a "
-    "damped Newton system with eqx_curv.CG, and print a comparison table."
-)
-
 _RESULT_NAMES = (
     "successful",
     "max_steps_reached",
@@ -84,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
     x, y = digits(args.num_examples, seed=args.seed)
     x, y = jnp.asarray(x), jnp.asarray(y)
     model = eqx.nn.MLP(
-        x.shape[1], 10, args.width, args.depth, activation=jnp.tanh, key=model_key
+        x.shape[1],
+        10,
+        args.width,
+        args.depth,
+        activation=jnp.tanh,
+        key=model_key,
+        dtype=x.dtype,
     )
     loss = eqx_curv.SoftmaxCrossEntropy()
     params, static = eqx.partition(model, eqx.is_inexact_array)

@@ -24,12 +24,9 @@ from .._optimizers.diagonal_newton import DiagonalNewton
 from .._optimizers.gradient_descent import GradientDescent
 from .._optimizers.newton import DampedNewton, Newton, SaddleFreeNewton
 from .._optimizers.quasi_newton import BFGS, LBFGS
+from .cli import SUBCOMMANDS
 from .problems import quartic, QUARTIC_START
 
-
-HELP = (
-    "The page's 2-D quartic: each classical minimiser's 15 steps, as a PNG and table."
-)
 
 NUM_STEPS = 15
 _TOL = {"rtol": 0.0, "atol": 1e-10}
@@ -166,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eqx-curv toy2d", description=HELP)
+    parser = argparse.ArgumentParser(
+        prog="eqx-curv toy2d", description=SUBCOMMANDS["toy2d"][1]
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
