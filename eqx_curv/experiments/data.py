@@ -21,9 +21,9 @@ def digits(
     """
     from sklearn.datasets import load_digits
 
-    data = load_digits()
-    inputs = (data.data / 16.0).astype(np.float32)
-    labels = data.target.astype(np.int32)
+    images, targets = load_digits(return_X_y=True)
+    inputs = (np.asarray(images) / 16.0).astype(np.float32)
+    labels = np.asarray(targets).astype(np.int32)
     if num_examples is not None:
         if not 1 <= num_examples <= len(labels):
             raise ValueError(
