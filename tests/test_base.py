@@ -18,8 +18,9 @@ def _diag_operator():
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.d
             )
 
-        def _is_psd(self):
-            return True
+        @property
+        def tags(self):
+            return frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
 
     return Diag({"a": jnp.arange(1.0, 4.0), "b": 2 * jnp.ones((2, 2))})
 
@@ -56,3 +57,70 @@ def test_queries_and_structure_error():
         op.mv({"a": jnp.ones(3)})
     with pytest.raises(ValueError, match="dtype"):
         op.mv({"a": jnp.ones(3, jnp.int32), "b": jnp.ones((2, 2))})
+
+
+def _matrix_operator(matrix, tags):
+    import equinox as eqx
+
+    from eqx_curv._operators.base import AbstractCurvatureOperator, as_tags
+
+    class Matrix(AbstractCurvatureOperator):
+        matrix: jax.Array
+        tags: frozenset = eqx.field(static=True)
+
+        def __init__(self, matrix, tags):
+            self.matrix = matrix
+            self.tags = as_tags(tags)
+
+        def _mv(self, v):
+            return self.matrix @ v
+
+        def in_structure(self):
+            return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+    return Matrix(matrix, tags)
+
+
+def test_every_query_reads_the_tags():
+    m = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+    untagged = _matrix_operator(m, ())
+    for query in (
+        lx.is_symmetric,
+        lx.is_positive_semidefinite,
+        lx.is_negative_semidefinite,
+        lx.is_diagonal,
+        lx.is_tridiagonal,
+        lx.has_unit_diagonal,
+        lx.is_lower_triangular,
+        lx.is_upper_triangular,
+    ):
+        assert not query(untagged), query
+    upper = _matrix_operator(m, lx.upper_triangular_tag)
+    assert lx.is_upper_triangular(upper) and not lx.is_lower_triangular(upper)
+    nsd = _matrix_operator(-jnp.eye(2), [lx.negative_semidefinite_tag])
+    assert lx.is_negative_semidefinite(nsd) and lx.is_symmetric(nsd)
+    assert not lx.is_positive_semidefinite(nsd)
+    # Not tagged symmetric: a true transpose (jax.linear_transpose of the product),
+    # so LU solves with the transpose and gradients through solves are right.
+    assert jnp.allclose(untagged.T.as_matrix(), m.T)
+    assert jnp.allclose(untagged.as_matrix(), m)
+    b = jnp.array([1.0, 2.0])
+    sol = lx.linear_solve(untagged.T, b, lx.LU()).value
+    assert jnp.allclose(m.T @ sol, b)
+    symmetric = _matrix_operator(jnp.eye(2), lx.symmetric_tag)
+    assert symmetric.T is symmetric
+    assert lx.materialise(untagged).tags == frozenset()
+
+
+def test_linearised_is_a_tagged_function_operator():
+    from eqx_curv._operators.base import linearised
+
+    structure = jax.ShapeDtypeStruct((2,), jnp.float64)
+    tags = frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
+    scale = jnp.array([1.0, 2.0])
+    op = linearised(lambda v: scale * v, structure, tags)
+    assert isinstance(op, lx.FunctionLinearOperator) and op.tags == tags
+    sol = lx.linear_solve(op, jnp.ones(2), lx.CG(rtol=1e-10, atol=1e-10))
+    assert jnp.allclose(sol.value, jnp.array([1.0, 0.5]))
+    # The closed-over array is hoisted into the operator's PyTree.
+    assert any(leaf is not None for leaf in jax.tree.leaves(op))

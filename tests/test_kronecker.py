@@ -13,6 +13,7 @@ import eqx_curv
 
 
 SHAPES = ((1, 1), (3, 5), (6, 4), (8, 8))
+PSD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 
 def psd_factor(n, seed, cond=1e2):
@@ -35,7 +36,7 @@ def dense_power(matrix, q):
 def test_kronecker_identities(shape, seed):
     m, n = shape
     a, b = psd_factor(m, seed), psd_factor(n, seed + 1)
-    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b), tags=PSD)
     dense = np.kron(a, b)
     x = np.random.default_rng(seed + 2).standard_normal(shape)
     rtol = 1e-10
@@ -80,7 +81,7 @@ def test_kronecker_identities(shape, seed):
 
 def test_factored_damping_is_the_pi_adjusted_product():
     a, b = 5.0 * psd_factor(4, 0), 0.2 * psd_factor(3, 1)
-    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b), tags=PSD)
     lam = 1e-2
     pi = np.sqrt((np.trace(a) / 4) / (np.trace(b) / 3))
     expected = np.linalg.inv(
@@ -107,10 +108,10 @@ def test_factored_damping_is_the_pi_adjusted_product():
 
 def test_tags_and_lineax_solves():
     a, b = psd_factor(4, 2), psd_factor(3, 3)
-    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    op = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b), tags=PSD)
     assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
     assert not lx.is_positive_semidefinite(
-        eqx_curv.KroneckerOperator(jnp.asarray(a), -jnp.asarray(b), psd=False)
+        eqx_curv.KroneckerOperator(jnp.asarray(a), -jnp.asarray(b))
     )
     g = np.random.default_rng(0).standard_normal((4, 3))
     lam = 0.1
@@ -148,7 +149,7 @@ def test_jit_and_float32_precision():
 
     @jax.jit
     def apply(a, b, x):
-        return eqx_curv.KroneckerOperator(a, b).damped_inverse(1e-2).mv(x)
+        return eqx_curv.KroneckerOperator(a, b, tags=PSD).damped_inverse(1e-2).mv(x)
 
     got = apply(a32, b32, jnp.asarray(x, jnp.float32))
     assert got.dtype == jnp.float32
@@ -176,7 +177,7 @@ def test_damped_operator_of_a_kronecker_product():
     a, b = psd_factor(5, 6), psd_factor(4, 7)
     lam = 0.05
     op = eqx_curv.DampedOperator(
-        eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b)), lam
+        eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b), tags=PSD), lam
     )
     assert lx.is_positive_semidefinite(op)
     g = np.random.default_rng(3).standard_normal((5, 4))
@@ -188,7 +189,107 @@ def test_damped_operator_of_a_kronecker_product():
     ):
         sol = lx.linear_solve(op, jnp.asarray(g), solver).value
         np.testing.assert_allclose(vec(sol), expected, rtol=1e-8)
-    exact = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b)).damped_inverse(
-        lam
-    )
+    exact = eqx_curv.KroneckerOperator(
+        jnp.asarray(a), jnp.asarray(b), tags=PSD
+    ).damped_inverse(lam)
     np.testing.assert_allclose(vec(exact.mv(jnp.asarray(g))), expected, rtol=1e-9)
+
+
+# --- tags: given or shown, never assumed ----------------------------------------------
+
+
+def test_tags_are_never_a_default_promise():
+    a, b = jnp.diag(jnp.array([1.0, -2.0])), jnp.eye(3)
+    op = eqx_curv.KroneckerOperator(a, b)
+    # Concrete symmetric factors are shown symmetric; nothing says PSD.
+    assert op.tags == frozenset([lx.symmetric_tag])
+    assert lx.is_symmetric(op) and not lx.is_positive_semidefinite(op)
+    dense = np.kron(np.asarray(a), np.asarray(b))
+    # An even power of an indefinite factor: A^2 ⊗ B^2 = (A ⊗ B)^2, with 4 (not 0)
+    # where the -2 was, and tagged PSD since it is.
+    squared = op.power(2)
+    np.testing.assert_allclose(np.asarray(squared.as_matrix()), dense @ dense)
+    assert np.asarray(squared.left)[1, 1] == 4.0
+    assert lx.is_positive_semidefinite(squared)
+    np.testing.assert_allclose(
+        np.asarray(op.power(3).as_matrix()), dense @ dense @ dense
+    )
+    assert not lx.is_positive_semidefinite(op.power(3))
+    np.testing.assert_allclose(
+        np.asarray(op.inverse().as_matrix()), np.linalg.inv(dense), rtol=1e-12
+    )
+    # A non-integer power of an operator not tagged PSD is refused with a sentence.
+    with pytest.raises(ValueError, match="`exponent` is 0.5, a non-integer power"):
+        op.power(0.5)
+    # A PSD tag on concretely indefinite factors is refused, for small factors by
+    # their eigenvalues and for large ones by their diagonals.
+    with pytest.raises(ValueError, match="`left` has the eigenvalue -2"):
+        eqx_curv.KroneckerOperator(a, b, tags=lx.positive_semidefinite_tag)
+    big = jnp.diag(jnp.concatenate([jnp.ones(600), -jnp.ones(1)]))
+    with pytest.raises(ValueError, match="`right` has the diagonal entry -1"):
+        eqx_curv.KroneckerOperator(b, big, tags=lx.positive_semidefinite_tag)
+    # `tags=` takes one tag or an iterable, as lineax's operators do; a PSD tag
+    # implies symmetry.
+    one = eqx_curv.KroneckerOperator(b, b, tags=lx.positive_semidefinite_tag)
+    many = eqx_curv.KroneckerOperator(b, b, tags=[lx.positive_semidefinite_tag])
+    assert one.tags == many.tags == frozenset(PSD)
+    # Traced factors cannot be checked: their tags are exactly the caller's, and
+    # spectral functions then ask for a symmetric tag.
+    seen = []
+    jax.jit(lambda a: seen.append(eqx_curv.KroneckerOperator(a, b).tags))(a)
+    assert seen == [frozenset()]
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="not tagged symmetric"):
+        jax.jit(lambda a: eqx_curv.KroneckerOperator(a, b).damped_inverse(0.1).mv(x))(a)
+    tagged = jax.jit(
+        lambda a: (
+            eqx_curv.KroneckerOperator(a, b, tags=lx.symmetric_tag)
+            .damped_inverse(0.5)
+            .mv(x)
+        )
+    )(a)
+    np.testing.assert_allclose(
+        vec(tagged), np.linalg.solve(dense + 0.5 * np.eye(6), vec(x)), rtol=1e-12
+    )
+
+
+def test_non_symmetric_factors_have_a_true_transpose():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(3 * np.eye(3) + rng.standard_normal((3, 3)))
+    b = jnp.asarray(2 * np.eye(2) + rng.standard_normal((2, 2)))
+    op = eqx_curv.KroneckerOperator(a, b)
+    dense = np.kron(np.asarray(a), np.asarray(b))
+    assert not lx.is_symmetric(op) and op.tags == frozenset()
+    assert isinstance(op.T, eqx_curv.KroneckerOperator)
+    np.testing.assert_allclose(np.asarray(op.T.as_matrix()), dense.T)
+    with pytest.raises(ValueError, match="`left` is not symmetric"):
+        eqx_curv.KroneckerOperator(a, b, tags=lx.symmetric_tag)
+    with pytest.raises(ValueError, match="`right` is not symmetric"):
+        eqx_curv.KroneckerOperator(jnp.eye(3), b, tags=lx.positive_semidefinite_tag)
+    # Integer powers of general factors by products.
+    np.testing.assert_allclose(
+        np.asarray(op.power(-2).as_matrix()),
+        np.linalg.matrix_power(np.linalg.inv(dense), 2),
+        rtol=1e-10,
+    )
+
+    # The gradient of c . (A(s) ⊗ B)^{-1} g through GMRES needs the true transpose.
+    g = jnp.asarray(rng.standard_normal((3, 2)))
+    c = jnp.asarray(rng.standard_normal(6))
+    direction = jnp.asarray(rng.standard_normal((3, 3)))
+    solver = lx.GMRES(rtol=1e-12, atol=1e-12, max_steps=100)
+
+    def objective(left):
+        op = eqx_curv.KroneckerOperator(left, b)
+        return lx.linear_solve(op, g, solver).value.ravel() @ c
+
+    def dense_objective(left):
+        return jnp.linalg.solve(jnp.kron(left, b), g.ravel()) @ c
+
+    grad = jax.grad(objective)(a)
+    np.testing.assert_allclose(grad, jax.grad(dense_objective)(a), rtol=1e-8)
+    h = 1e-6
+    fd = (dense_objective(a + h * direction) - dense_objective(a - h * direction)) / (
+        2 * h
+    )
+    np.testing.assert_allclose(jnp.sum(grad * direction), fd, rtol=1e-7)

@@ -32,7 +32,9 @@ def symmetric(n, seed, negative=0):
 
 def _blocks(seed):
     a, b = symmetric(3, seed), symmetric(2, seed + 1)
-    kron = eqx_curv.KroneckerOperator(jnp.asarray(a), jnp.asarray(b))
+    kron = eqx_curv.KroneckerOperator(
+        jnp.asarray(a), jnp.asarray(b), tags=lx.positive_semidefinite_tag
+    )
     d = jnp.asarray(np.random.default_rng(seed).uniform(0.5, 1.5, 4))
     blocks = {
         "w": kron,
@@ -220,7 +222,10 @@ def _ggn_like(seed, singular_core):
 def test_woodbury_against_dense(singular_core):
     diag, factor, core, dense, params = _ggn_like(0, singular_core)
     op = eqx_curv.WoodburyOperator(
-        diag, factor, None if not singular_core else jnp.asarray(core), psd=True
+        diag,
+        factor,
+        None if not singular_core else jnp.asarray(core),
+        tags=lx.positive_semidefinite_tag,
     )
     assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
     np.testing.assert_allclose(np.asarray(op.as_matrix()), dense, rtol=1e-10)
@@ -253,3 +258,89 @@ def test_woodbury_scalar_damping_dense_factor_and_jit():
     )
     with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="core"):
         eqx_curv.WoodburyOperator(1.0, jnp.asarray(v), jnp.eye(4))
+
+
+def test_woodbury_psd_tag_is_checked_where_it_can_be():
+    v = jnp.asarray(np.random.default_rng(2).standard_normal((6, 2)))
+    # Untagged: a negative damping is a valid operator, just not PSD, so CG refuses it
+    # up front instead of breaking down.
+    op = eqx_curv.WoodburyOperator(-1.0, v)
+    assert op.tags == frozenset([lx.symmetric_tag])
+    with pytest.raises(ValueError, match="positive"):
+        lx.linear_solve(op, jnp.ones(6), lx.CG(rtol=1e-8, atol=1e-8))
+    # A PSD tag on a concrete negative diagonal or an indefinite core is refused.
+    with pytest.raises(ValueError, match="`diagonal` has the entry -1"):
+        eqx_curv.WoodburyOperator(-1.0, v, tags=lx.positive_semidefinite_tag)
+    with pytest.raises(ValueError, match="`core` has the eigenvalue -2"):
+        eqx_curv.WoodburyOperator(
+            1.0, v, jnp.diag(jnp.array([1.0, -2.0])), tags=lx.positive_semidefinite_tag
+        )
+    with pytest.raises(ValueError, match="`core` must be symmetric"):
+        eqx_curv.WoodburyOperator(1.0, v, jnp.array([[1.0, 1.0], [0.0, 1.0]]))
+    # Traced values cannot be checked: the tag is the caller's promise.
+    tags = jax.jit(
+        lambda lam: (
+            eqx_curv.WoodburyOperator(
+                lam, v, tags=lx.positive_semidefinite_tag
+            ).diagonal
+        )
+    )(-1.0)
+    assert tags.shape == (6,)
+    # The inverse is symmetric; it is positive definite, but its core is negative, so
+    # it carries no PSD tag (wrap it to use it as a preconditioner).
+    psd = eqx_curv.WoodburyOperator(0.5, v, tags=lx.positive_semidefinite_tag)
+    assert psd.inverse().tags == frozenset([lx.symmetric_tag])
+    dense = 0.5 * np.eye(6) + np.asarray(v) @ np.asarray(v).T
+    sol = lx.linear_solve(
+        psd,
+        jnp.ones(6),
+        eqx_curv.CG(rtol=1e-12, atol=1e-12, max_steps=50),
+        options={
+            "preconditioner": lx.TaggedLinearOperator(
+                psd.inverse(), lx.positive_semidefinite_tag
+            )
+        },
+    )
+    np.testing.assert_allclose(sol.value, np.linalg.solve(dense, np.ones(6)))
+
+
+def test_eigh_built_from_its_decomposition_and_tags():
+    h = symmetric(4, 5, negative=1)
+    op = eqx_curv.EighOperator(jnp.asarray(h))
+    assert op.tags == frozenset([lx.symmetric_tag])
+    w, q = np.linalg.eigh(h)
+    direct = eqx_curv.EighOperator(
+        eigenvalues=jnp.asarray(w),
+        eigenvectors=jnp.asarray(q),
+        structure={"a": jax.ShapeDtypeStruct((2, 2), jnp.float64)},
+        tags=lx.positive_semidefinite_tag,
+    )
+    assert direct.tags == frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
+    assert direct.in_structure()["a"].shape == (2, 2)
+    np.testing.assert_allclose(np.asarray(direct.as_matrix()), h, atol=1e-12)
+    # Matrix functions go through the same constructor.
+    absolute = op.abs()
+    assert type(absolute) is eqx_curv.EighOperator
+    assert lx.is_positive_semidefinite(absolute)
+    assert lx.is_positive_semidefinite(op.power(2))
+    assert not lx.is_positive_semidefinite(op.power(3))
+    assert not lx.is_positive_semidefinite(op.damped(1.0))
+    with pytest.raises(ValueError, match="`exponent` is 0.5, a non-integer power"):
+        op.power(0.5)
+    np.testing.assert_allclose(
+        np.asarray(op.apply(jnp.exp).as_matrix()), (q * np.exp(w)) @ q.T, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="not both"):
+        eqx_curv.EighOperator(jnp.asarray(h), eigenvalues=jnp.asarray(w))
+    with pytest.raises(ValueError, match="both `eigenvalues` and"):
+        eqx_curv.EighOperator(eigenvalues=jnp.asarray(w))
+    # Under pytest the annotation itself is checked (jaxtyping + beartype); without
+    # it the constructor raises a ValueError naming the shapes.
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="eigenvectors"):
+        eqx_curv.EighOperator(eigenvalues=jnp.ones(3), eigenvectors=jnp.eye(2))
+    with pytest.raises(ValueError, match="`structure` must hold 4"):
+        eqx_curv.EighOperator(
+            eigenvalues=jnp.asarray(w),
+            eigenvectors=jnp.asarray(q),
+            structure=jax.ShapeDtypeStruct((3,), jnp.float64),
+        )

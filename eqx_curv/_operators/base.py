@@ -8,7 +8,8 @@ once here covers every subclass.
 """
 
 import abc
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 
 import equinox as eqx
 import jax
@@ -96,28 +97,62 @@ def check_damping(damping) -> Array:
     return jnp.asarray(damping)
 
 
+def as_tags(tags: object | Iterable[object]) -> frozenset[object]:
+    """A tag or an iterable of tags as a `frozenset`, as lineax's operators take them."""
+    try:
+        return frozenset(iter(tags))  # pyright: ignore  # a single tag is not iterable
+    except TypeError:
+        return frozenset([tags])
+
+
+def concrete_array(x) -> np.ndarray | None:
+    """The value of an array known at trace time, or `None` for a tracer."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def spectrum_tolerance(values: np.ndarray, size: int) -> float:
+    """How far below zero a computed eigenvalue of a PSD matrix may fall by rounding."""
+    eps = float(np.finfo(values.dtype).eps)
+    return 10 * size * eps * float(np.max(np.abs(values), initial=0.0))
+
+
+def is_concretely_symmetric(matrix: np.ndarray) -> bool:
+    """Whether a concrete square matrix is symmetric up to rounding."""
+    eps = float(np.finfo(matrix.dtype).eps)
+    scale = float(np.max(np.abs(matrix), initial=0.0))
+    return bool(np.all(np.abs(matrix - matrix.T) <= 10 * matrix.shape[0] * eps * scale))
+
+
 class AbstractCurvatureOperator(lx.AbstractLinearOperator):
-    """A symmetric curvature matrix acting on a parameter PyTree.
+    """A square curvature matrix acting on a parameter PyTree.
 
     Subclasses implement `_mv` (the product with a vector already checked against
-    `in_structure()`), `in_structure` and `_is_psd`. This base class supplies the rest of
-    the `lineax.AbstractLinearOperator` interface and registers every lineax query, so that
-    `lineax.linear_solve`, `lineax.invert`, `lineax.materialise` and `lineax.diagonal` work
-    on any subclass.
+    `in_structure()`), `in_structure` and `tags`. This base class supplies the rest of
+    the `lineax.AbstractLinearOperator` interface and registers every lineax query, so
+    that `lineax.linear_solve`, `lineax.invert`, `lineax.materialise` and
+    `lineax.diagonal` work on any subclass.
+
+    Properties are lineax tags and nothing else: `lineax.is_symmetric`,
+    `lineax.is_positive_semidefinite` and the other queries read `tags`, which a
+    subclass knows by construction (a GGN is symmetric and positive semidefinite) or
+    takes from its caller (a Kronecker product of given factors). An operator not
+    tagged symmetric has a true transpose (`jax.linear_transpose` of its product,
+    unless the subclass registers a structured one).
 
     Rows and columns of `as_matrix()` are ordered as `jax.flatten_util.ravel_pytree`
     orders the parameter PyTree.
     """
+
+    tags: eqx.AbstractVar[frozenset[object]]
 
     @abc.abstractmethod
     def _mv(self, vector: PyTree[Array]) -> PyTree[Array]: ...
 
     @abc.abstractmethod
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]: ...
-
-    @abc.abstractmethod
-    def _is_psd(self) -> bool:
-        """Whether the operator is positive semidefinite for every input (a static fact)."""
 
     def mv(self, vector: PyTree[Array]) -> PyTree[Array]:
         check_vector_structure(vector, self.in_structure())
@@ -126,8 +161,10 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return self.in_structure()
 
-    def transpose(self) -> "AbstractCurvatureOperator":
-        return self
+    def transpose(self) -> lx.AbstractLinearOperator:
+        if lx.symmetric_tag in self.tags:
+            return self
+        return transpose_of(self)
 
     def as_matrix(self) -> Array:
         # Compiled: n products op-by-op would dispatch every primitive eagerly.
@@ -135,10 +172,18 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
 
     def as_function_operator(self) -> lx.FunctionLinearOperator:
         """This operator as a `lineax.FunctionLinearOperator` with the same tags."""
-        tags = [lx.symmetric_tag]
-        if self._is_psd():
-            tags.append(lx.positive_semidefinite_tag)
-        return lx.FunctionLinearOperator(self.mv, self.in_structure(), tags=tags)
+        return lx.FunctionLinearOperator(self.mv, self.in_structure(), self.tags)
+
+
+@functools.singledispatch
+def transpose_of(operator: AbstractCurvatureOperator) -> lx.AbstractLinearOperator:
+    r"""The transpose of an operator not tagged symmetric.
+
+    By default `jax.linear_transpose` of its product (through
+    `lineax.FunctionLinearOperator.transpose`); a subclass with a structured transpose
+    (`KroneckerOperator`: $A^\top \otimes B^\top$) registers it here.
+    """
+    return operator.as_function_operator().transpose()
 
 
 @eqx.filter_jit
@@ -150,28 +195,57 @@ def _as_matrix(operator: AbstractCurvatureOperator) -> Array:
     def column(e):
         return jax.flatten_util.ravel_pytree(operator.mv(unravel(e)))[0]
 
-    # Symmetric, so rows and columns agree; vmap gives the columns as rows.
+    # vmap stacks the columns A e_j as rows; transposing puts them back as columns.
     return jax.vmap(column)(basis).T
+
+
+# Every query reads the tags, as lineax's own operators do.
 
 
 @lx.is_symmetric.register(AbstractCurvatureOperator)
 def _(operator):
-    return True
+    tags = operator.tags
+    return (
+        lx.symmetric_tag in tags
+        or lx.diagonal_tag in tags
+        or lx.positive_semidefinite_tag in tags
+        or lx.negative_semidefinite_tag in tags
+    )
 
 
 @lx.is_positive_semidefinite.register(AbstractCurvatureOperator)
 def _(operator):
-    return operator._is_psd()
+    return lx.positive_semidefinite_tag in operator.tags
+
+
+@lx.is_negative_semidefinite.register(AbstractCurvatureOperator)
+def _(operator):
+    return lx.negative_semidefinite_tag in operator.tags
 
 
 @lx.is_diagonal.register(AbstractCurvatureOperator)
-@lx.is_tridiagonal.register(AbstractCurvatureOperator)
-@lx.has_unit_diagonal.register(AbstractCurvatureOperator)
-@lx.is_lower_triangular.register(AbstractCurvatureOperator)
-@lx.is_upper_triangular.register(AbstractCurvatureOperator)
-@lx.is_negative_semidefinite.register(AbstractCurvatureOperator)
 def _(operator):
-    return False
+    return lx.diagonal_tag in operator.tags
+
+
+@lx.is_tridiagonal.register(AbstractCurvatureOperator)
+def _(operator):
+    return lx.tridiagonal_tag in operator.tags or lx.diagonal_tag in operator.tags
+
+
+@lx.has_unit_diagonal.register(AbstractCurvatureOperator)
+def _(operator):
+    return lx.unit_diagonal_tag in operator.tags
+
+
+@lx.is_lower_triangular.register(AbstractCurvatureOperator)
+def _(operator):
+    return lx.lower_triangular_tag in operator.tags or lx.diagonal_tag in operator.tags
+
+
+@lx.is_upper_triangular.register(AbstractCurvatureOperator)
+def _(operator):
+    return lx.upper_triangular_tag in operator.tags or lx.diagonal_tag in operator.tags
 
 
 @lx.linearise.register(AbstractCurvatureOperator)
@@ -196,35 +270,17 @@ def _(operator):
     return lx.tridiagonal(operator.as_function_operator())
 
 
-class LinearisedOperator(AbstractCurvatureOperator):
-    """A curvature operator whose primal computation has been done once.
-
-    `lineax.linearise` of the concrete operators returns one of these: `fn` is the
-    closure-converted linear map (a `jax.linearize`d tangent map composed with its
-    transpose), so each product costs only the tangent and cotangent passes. Iterative
-    solvers (CG, GMRES, LSMR, BiCGStab) call `lineax.linearise` before iterating.
-    """
-
-    fn: Callable
-    flat_structure: tuple = eqx.field(static=True)
-    psd: bool = eqx.field(static=True)
-
-    def _mv(self, vector: PyTree[Array]) -> PyTree[Array]:
-        return self.fn(vector)
-
-    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
-        leaves, treedef = self.flat_structure
-        return jax.tree.unflatten(treedef, leaves)
-
-    def _is_psd(self) -> bool:
-        return self.psd
-
-
 def linearised(
-    fn: Callable, structure: PyTree[jax.ShapeDtypeStruct], psd: bool
-) -> LinearisedOperator:
-    """Wrap the linear map `fn` on `structure`, hoisting its closed-over arrays."""
-    leaves, treedef = jax.tree.flatten(structure)
-    return LinearisedOperator(
-        eqx.filter_closure_convert(fn, structure), (tuple(leaves), treedef), psd
-    )
+    fn: Callable, structure: PyTree[jax.ShapeDtypeStruct], tags: frozenset[object]
+) -> lx.FunctionLinearOperator:
+    """The linear map `fn` on `structure` as a `lineax.FunctionLinearOperator`.
+
+    What `lineax.linearise` of a matrix-free curvature operator returns: `fn` is the
+    operator's product with its primal computation done once (a `jax.linearize`d
+    tangent map, composed with its transpose for output-space operators), so each
+    product costs only the tangent and cotangent passes. Iterative solvers (CG, GMRES,
+    LSMR, BiCGStab) call `lineax.linearise` before iterating. The closed-over arrays
+    are hoisted into the operator's PyTree (lineax closure-converts `fn`), and the tags
+    are the original operator's.
+    """
+    return lx.FunctionLinearOperator(fn, structure, tags)

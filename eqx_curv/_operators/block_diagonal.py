@@ -22,7 +22,7 @@ class BlockDiagonalOperator(AbstractCurvatureOperator):
     For example, K-FAC's curvature is
     `BlockDiagonalOperator({"layer1": KroneckerOperator(A1, B1), ...})`.
 
-    The operator is tagged positive semidefinite when every block is. Rows and
+    The operator is tagged symmetric, and positive semidefinite when every block is. Rows and
     columns of `as_matrix()` follow `jax.flatten_util.ravel_pytree` of the input
     structure, i.e. block by block in the order of `jax.tree.leaves(blocks)`.
 
@@ -70,9 +70,13 @@ class BlockDiagonalOperator(AbstractCurvatureOperator):
             lambda block: block.in_structure(), self.blocks, is_leaf=_is_operator
         )
 
-    def _is_psd(self) -> bool:
+    @property
+    def tags(self) -> frozenset[object]:
+        # Symmetric because every block is (checked above); PSD when every block is.
         leaves = jax.tree.leaves(self.blocks, is_leaf=_is_operator)
-        return all(lx.is_positive_semidefinite(leaf) for leaf in leaves)
+        if all(lx.is_positive_semidefinite(leaf) for leaf in leaves):
+            return frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
+        return frozenset([lx.symmetric_tag])
 
 
 @lx.diagonal.register(BlockDiagonalOperator)

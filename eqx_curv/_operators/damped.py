@@ -55,8 +55,13 @@ class DampedOperator(AbstractCurvatureOperator):
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return self.operator.in_structure()
 
-    def _is_psd(self) -> bool:
-        return lx.is_positive_semidefinite(self.operator)
+    @property
+    def tags(self) -> frozenset[object]:
+        # Symmetric because `A` is (checked above); PSD when `A` is and damping >= 0
+        # (a damping known to be negative is rejected; a traced one is promised).
+        if lx.is_positive_semidefinite(self.operator):
+            return frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
+        return frozenset([lx.symmetric_tag])
 
 
 @lx.linearise.register(DampedOperator)

@@ -130,13 +130,15 @@ class _AbstractOutputSpaceOperator(AbstractCurvatureOperator):
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return structure_of(eqx.filter(self.model, eqx.is_inexact_array))
 
-    def _is_psd(self) -> bool:
-        return True
+    @property
+    def tags(self) -> frozenset[object]:
+        # J^T M J with M positive semidefinite: known by construction.
+        return frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
 
 
 @lx.linearise.register(_AbstractOutputSpaceOperator)
 def _(operator):
-    return linearised(operator._linear_map(), operator.in_structure(), psd=True)
+    return linearised(operator._linear_map(), operator.in_structure(), operator.tags)
 
 
 def _check_model_and_loss(model, loss, inputs, key, targets=None):

@@ -63,11 +63,13 @@ class HessianOperator(AbstractCurvatureOperator):
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return structure_of(self.params)
 
-    def _is_psd(self) -> bool:
-        return False
+    @property
+    def tags(self) -> frozenset[object]:
+        # Symmetric; in general indefinite, so no semidefinite tag.
+        return frozenset([lx.symmetric_tag])
 
 
 @lx.linearise.register(HessianOperator)
 def _(operator):
     _, hvp = jax.linearize(jax.grad(operator.fn), operator.params)
-    return linearised(hvp, operator.in_structure(), psd=False)
+    return linearised(hvp, operator.in_structure(), operator.tags)

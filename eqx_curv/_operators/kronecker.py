@@ -12,18 +12,30 @@ $A = \mathbb{E}[g g^\top]$ (output gradients, `out x out`) and $B = \mathbb{E}[x
 (inputs, `in x in`).
 """
 
+from collections.abc import Iterable
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from .base import AbstractCurvatureOperator, check_damping
+from .base import (
+    AbstractCurvatureOperator,
+    as_tags,
+    check_damping,
+    concrete_array,
+    is_concretely_symmetric,
+    spectrum_tolerance,
+    transpose_of,
+)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Above this size a PSD tag is checked on the factor's diagonal only, not its spectrum.
+_EIGVALSH_CHECK_SIZE = 512
 
 
 def _mm(a, b):
@@ -44,6 +56,59 @@ def _check_factor(factor, name: str) -> Array:
     return factor
 
 
+def _check_psd_factor(value: np.ndarray, name: str) -> None:
+    """A concrete factor under a PSD tag: symmetric, no clearly negative eigenvalue."""
+    n = value.shape[0]
+    if n <= _EIGVALSH_CHECK_SIZE:
+        w = np.linalg.eigvalsh(0.5 * (value + value.T))
+        bad = float(w.min()) < -spectrum_tolerance(w, n)
+        lowest = f"has the eigenvalue {float(w.min()):.3g}"
+    else:
+        d = np.diag(value)
+        bad = float(d.min()) < -spectrum_tolerance(d, n)
+        lowest = f"has the diagonal entry {float(d.min()):.3g}"
+    if bad:
+        raise ValueError(
+            f"`{name}` {lowest}, but the operator is tagged "
+            "`lineax.positive_semidefinite_tag`, which promises positive semidefinite "
+            "factors. Drop the tag (integer powers and inverses of indefinite factors "
+            "are then exact), or pass PSD factors."
+        )
+
+
+def _kronecker_tags(left, right, tags: frozenset[object]) -> frozenset[object]:
+    """The caller's tags, checked where the factors are concrete, plus what they show.
+
+    A PSD tag promises PSD (so symmetric) factors. Concrete factors that are symmetric
+    up to rounding give the symmetric tag; concrete factors that contradict a given
+    tag are an error. Traced factors cannot be checked: their tags are the caller's.
+    """
+    concrete = {"left": concrete_array(left), "right": concrete_array(right)}
+    psd = lx.positive_semidefinite_tag in tags
+    if psd:
+        tags = tags | {lx.symmetric_tag}
+    if any(v is None for v in concrete.values()):
+        return tags
+    symmetric = all(is_concretely_symmetric(v) for v in concrete.values())
+    if lx.symmetric_tag in tags and not symmetric:
+        name = next(k for k, v in concrete.items() if not is_concretely_symmetric(v))
+        raise ValueError(
+            f"`{name}` is not symmetric, but the operator is tagged symmetric "
+            "(`lineax.symmetric_tag`, or `lineax.positive_semidefinite_tag`, which "
+            "implies it). Drop the tag: a Kronecker product of non-symmetric factors "
+            "is supported, with the true transpose `A.T ⊗ B.T`."
+        )
+    if psd:
+        for name, value in concrete.items():
+            _check_psd_factor(value, name)
+    return tags | {lx.symmetric_tag} if symmetric else tags
+
+
+def _integer(exponent) -> int | None:
+    value = float(exponent)
+    return int(value) if value.is_integer() else None
+
+
 def _factor_eigh(factor, psd: bool):
     w, q = jnp.linalg.eigh(0.5 * (factor + factor.T))
     # A PSD factor's negative eigenvalues are rounding: clip them, so that fractional
@@ -53,7 +118,19 @@ def _factor_eigh(factor, psd: bool):
 
 def _spectral(factor, fn, psd: bool):
     w, q = _factor_eigh(factor, psd)
-    return _mm(q * fn(w), q.T)
+    return _mm(q * fn(w)[None, :], q.T)
+
+
+def _require_symmetric(operator, what: str) -> None:
+    if lx.symmetric_tag not in operator.tags:
+        raise ValueError(
+            f"`{what}` goes through the factors' eigendecompositions, so it needs "
+            "factors known to be symmetric, and this `KroneckerOperator` is not tagged "
+            "symmetric (its factors were traced, or are not symmetric). If they are, "
+            "build it with `tags=lineax.symmetric_tag` (or "
+            "`tags=(lineax.symmetric_tag, lineax.positive_semidefinite_tag)` for PSD "
+            "factors)."
+        )
 
 
 class KroneckerOperator(AbstractCurvatureOperator):
@@ -61,29 +138,39 @@ class KroneckerOperator(AbstractCurvatureOperator):
 
     `mv(X)` returns $A X B^\top$: two matrix products, $A \otimes B$ is never formed.
     `as_matrix()` is `jnp.kron(A, B)` (row-major vec, see the module docstring).
-    Inverses, powers and damping go through the factors' eigendecompositions, as
-    methods returning operators.
+    Inverses, powers and damping go through the factors, as methods returning
+    operators.
+
+    Properties are lineax tags, never assumed. A Kronecker product of symmetric
+    factors is symmetric; concrete factors are checked (up to rounding) and tagged
+    symmetric when they are, while traced factors (inside `jax.jit`) are symmetric only
+    if the caller tags them so. An operator not tagged symmetric is a general
+    (non-symmetric) linear map whose transpose is $A^\top \otimes B^\top$, so
+    `jax.grad` through `lineax.GMRES` or `lineax.LU` solves with it is exact.
+    Positive semidefiniteness is only ever the caller's tag: it promises PSD factors
+    (as K-FAC's are), which are then checked when concrete (their eigenvalues for
+    factors up to 512 rows, their diagonals above that), and it lets spectral
+    functions clip the factors' rounding-negative eigenvalues at zero.
 
     **Arguments:**
 
-    - `left`: $A$, symmetric $m \times m$.
-    - `right`: $B$, symmetric $n \times n$.
-    - `psd`: whether both factors are positive semidefinite (as Kronecker factors of a
-        Fisher or GGN are). This is the caller's promise; it sets the operator's PSD
-        tag and makes spectral functions clip the factors' rounding-negative
-        eigenvalues at zero.
+    - `left`: $A$, an $m \times m$ matrix.
+    - `right`: $B$, an $n \times n$ matrix.
+    - `tags`: a lineax tag or an iterable of them, e.g.
+        `(lineax.symmetric_tag, lineax.positive_semidefinite_tag)` for the factors of
+        a Fisher or GGN. A tag that concrete factors contradict is an error.
     """
 
     left: Float[Array, "m m"]
     right: Float[Array, "n n"]
-    psd: bool = eqx.field(static=True)
+    tags: frozenset[object] = eqx.field(static=True)
 
     def __init__(
         self,
         left: Float[ArrayLike, "m m"],
         right: Float[ArrayLike, "n n"],
         *,
-        psd: bool = True,
+        tags: object | Iterable[object] = (),
     ):
         left = _check_factor(left, "left")
         right = _check_factor(right, "right")
@@ -94,7 +181,7 @@ class KroneckerOperator(AbstractCurvatureOperator):
             )
         self.left = left
         self.right = right
-        self.psd = psd
+        self.tags = _kronecker_tags(left, right, as_tags(tags))
 
     def _mv(self, vector):
         return _mm(_mm(self.left, vector), self.right.T)
@@ -104,25 +191,49 @@ class KroneckerOperator(AbstractCurvatureOperator):
             (self.left.shape[0], self.right.shape[0]), self.left.dtype
         )
 
-    def _is_psd(self) -> bool:
-        return self.psd
-
     def power(self, exponent: int | float) -> "KroneckerOperator":
-        r"""$(A \otimes B)^q = A^q \otimes B^q$, through each factor's eigendecomposition.
+        r"""$(A \otimes B)^q = A^q \otimes B^q$.
 
-        For non-integer $q$ the factors must be PSD (`psd=True`); negative $q$ needs
-        them positive definite, else see `damped_power`.
+        - Integer $q$: exact for any factors (negative $q$ needs them invertible):
+          through the eigendecompositions when the operator is tagged symmetric (an
+          even power of symmetric factors is tagged PSD), by repeated products and
+          `jnp.linalg.inv` otherwise.
+        - Non-integer $q$: only for an operator tagged positive semidefinite (for
+          indefinite factors $A^q \otimes B^q$ is not $(A \otimes B)^q$, nor real);
+          anything else raises a `ValueError`. Negative $q$ needs positive definite
+          factors, else see `damped_power`.
         """
-        fn = lambda w: w**exponent  # noqa: E731
+        q = _integer(exponent)
+        psd = lx.positive_semidefinite_tag in self.tags
+        symmetric = lx.symmetric_tag in self.tags
+        if q is None and not psd:
+            raise ValueError(
+                f"`exponent` is {exponent}, a non-integer power, which is only defined "
+                "here for positive semidefinite factors, and this `KroneckerOperator` "
+                "is not tagged `lineax.positive_semidefinite_tag`. Tag it if its "
+                "factors are PSD, or use an integer exponent."
+            )
+        if not symmetric:
+            # General factors: integer powers by products (mixed-product property).
+            def fn(factor):
+                if q < 0:  # pyright: ignore  # q is an int here: checked above
+                    factor = jnp.linalg.inv(factor)
+                return jnp.linalg.matrix_power(factor, abs(q))  # pyright: ignore
+
+            return KroneckerOperator(fn(self.left), fn(self.right))
+        power = q if q is not None else exponent
+        fn = lambda w: w**power  # noqa: E731
+        even = q is not None and q % 2 == 0
+        tags = [lx.symmetric_tag]
+        if psd or even:
+            tags.append(lx.positive_semidefinite_tag)
         return KroneckerOperator(
-            _spectral(self.left, fn, self.psd),
-            _spectral(self.right, fn, self.psd),
-            psd=self.psd or float(exponent) % 2 == 0,
+            _spectral(self.left, fn, psd), _spectral(self.right, fn, psd), tags=tags
         )
 
     def inverse(self) -> "KroneckerOperator":
-        r"""$(A \otimes B)^{-1} = A^{-1} \otimes B^{-1}$."""
-        return self.power(-1.0)
+        r"""$(A \otimes B)^{-1} = A^{-1} \otimes B^{-1}$: `power(-1)`."""
+        return self.power(-1)
 
     def damped_power(
         self,
@@ -146,6 +257,10 @@ class KroneckerOperator(AbstractCurvatureOperator):
           when $\lambda = 0$ and otherwise adds the cross terms
           $\pi\sqrt\lambda\, I \otimes B + \tfrac{\sqrt\lambda}{\pi} A \otimes I$.
 
+        Both need an operator tagged symmetric. The result is tagged PSD when this
+        operator is; otherwise a non-integer `exponent` of a negative
+        $\lambda^A_i \lambda^B_j + \lambda$ is NaN, as for any real power.
+
         Reference: James Martens and Roger Grosse, "Optimizing Neural Networks with
         Kronecker-factored Approximate Curvature", ICML 2015, section 6.3.
 
@@ -156,12 +271,14 @@ class KroneckerOperator(AbstractCurvatureOperator):
         - `method`: `"exact"` or `"factored"`.
         """
         damping = check_damping(damping).astype(self.left.dtype)
-        psd = self.psd
+        _require_symmetric(self, "damped_power")
+        psd = lx.positive_semidefinite_tag in self.tags
+        tags = [lx.symmetric_tag, lx.positive_semidefinite_tag] if psd else ()
         if method == "exact":
             wa, qa = _factor_eigh(self.left, psd)
             wb, qb = _factor_eigh(self.right, psd)
             values = (wa[:, None] * wb[None, :] + damping) ** exponent
-            return KroneckerEigenOperator(qa, qb, values, psd=psd)
+            return KroneckerEigenOperator(qa, qb, values, tags=tags)
         elif method == "factored":
             m, n = self.left.shape[0], self.right.shape[0]
             mean_a = jnp.trace(self.left) / m
@@ -169,13 +286,16 @@ class KroneckerOperator(AbstractCurvatureOperator):
             # pi balances the two factors' scales; if either trace is zero, fall back
             # to pi = 1 rather than dividing by zero.
             ok = (mean_a > 0) & (mean_b > 0)
-            pi = jnp.where(ok, jnp.sqrt(mean_a / jnp.where(ok, mean_b, 1)), 1)
+            one = jnp.ones((), self.left.dtype)
+            pi = jnp.where(ok, jnp.sqrt(mean_a / jnp.where(ok, mean_b, one)), one)
             root = jnp.sqrt(damping)
             fn = lambda w: w**exponent  # noqa: E731
             left = self.left + pi * root * jnp.eye(m, dtype=self.left.dtype)
             right = self.right + (root / pi) * jnp.eye(n, dtype=self.left.dtype)
             return KroneckerOperator(
-                _spectral(left, fn, psd), _spectral(right, fn, psd), psd=psd
+                _spectral(left, fn, psd),
+                _spectral(right, fn, psd),
+                tags=(lx.symmetric_tag, *tags),
             )
         else:
             raise ValueError(
@@ -189,7 +309,7 @@ class KroneckerOperator(AbstractCurvatureOperator):
         method: Literal["exact", "factored"] = "exact",
     ) -> AbstractCurvatureOperator:
         r"""$(A \otimes B + \lambda I)^{-1}$: `damped_power(damping, -1, method=method)`."""
-        return self.damped_power(damping, -1.0, method=method)
+        return self.damped_power(damping, -1, method=method)
 
 
 class KroneckerEigenOperator(AbstractCurvatureOperator):
@@ -201,19 +321,23 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
     $(A \otimes B + \lambda I)^q$, and the preconditioner of eigenbasis methods (SOAP,
     EKFAC) in general.
 
+    Symmetric by construction, so always tagged symmetric. Positive semidefiniteness is
+    the caller's tag, promising $S \ge 0$; concrete eigenvalues with a negative entry
+    under that tag are an error.
+
     **Arguments:**
 
     - `left_vectors`: $Q_A$, orthogonal $m \times m$.
     - `right_vectors`: $Q_B$, orthogonal $n \times n$.
     - `eigenvalues`: $S$, the $m \times n$ eigenvalues in the Kronecker eigenbasis.
-    - `psd`: whether every entry of $S$ is non-negative (the caller's promise; sets the
-        PSD tag).
+    - `tags`: a lineax tag or an iterable of them, e.g.
+        `lineax.positive_semidefinite_tag`.
     """
 
     left_vectors: Float[Array, "m m"]
     right_vectors: Float[Array, "n n"]
     eigenvalues: Float[Array, "m n"]
-    psd: bool = eqx.field(static=True)
+    tags: frozenset[object] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -221,7 +345,7 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
         right_vectors: Float[Array, "n n"],
         eigenvalues: Float[Array, "m n"],
         *,
-        psd: bool = True,
+        tags: object | Iterable[object] = (),
     ):
         left_vectors = _check_factor(left_vectors, "left_vectors")
         right_vectors = _check_factor(right_vectors, "right_vectors")
@@ -231,10 +355,23 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
                 f"`eigenvalues` must have shape {shape} (rows of `left_vectors` by rows "
                 f"of `right_vectors`), but has shape {jnp.shape(eigenvalues)}."
             )
+        eigenvalues = jnp.asarray(eigenvalues, left_vectors.dtype)
+        tags = as_tags(tags) | {lx.symmetric_tag}
+        value = concrete_array(eigenvalues)
+        if (
+            lx.positive_semidefinite_tag in tags
+            and value is not None
+            and float(value.min()) < -spectrum_tolerance(value, value.size)
+        ):
+            raise ValueError(
+                f"`eigenvalues` has the entry {float(value.min()):.3g}, but the "
+                "operator is tagged `lineax.positive_semidefinite_tag`, which promises "
+                "non-negative eigenvalues. Drop the tag or clip the eigenvalues."
+            )
         self.left_vectors = left_vectors
         self.right_vectors = right_vectors
-        self.eigenvalues = jnp.asarray(eigenvalues, left_vectors.dtype)
-        self.psd = psd
+        self.eigenvalues = eigenvalues
+        self.tags = tags
 
     def _mv(self, vector):
         qa, qb = self.left_vectors, self.right_vectors
@@ -244,22 +381,20 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
     def in_structure(self):
         return jax.ShapeDtypeStruct(self.eigenvalues.shape, self.eigenvalues.dtype)
 
-    def _is_psd(self) -> bool:
-        return self.psd
 
-
-def _tags(operator):
-    tags = [lx.symmetric_tag]
-    if operator._is_psd():
-        tags.append(lx.positive_semidefinite_tag)
-    return frozenset(tags)
+@transpose_of.register(KroneckerOperator)
+def _(operator):
+    # (A ⊗ B)^T = A^T ⊗ B^T; only reached when the operator is not tagged symmetric.
+    return KroneckerOperator(
+        operator.left.T, operator.right.T, tags=lx.transpose_tags(operator.tags)
+    )
 
 
 @lx.materialise.register(KroneckerOperator)
 def _(operator):
     m, n = operator.in_structure().shape
     dense = jnp.kron(operator.left, operator.right).reshape(m, n, m, n)
-    return lx.PyTreeLinearOperator(dense, operator.out_structure(), _tags(operator))
+    return lx.PyTreeLinearOperator(dense, operator.out_structure(), operator.tags)
 
 
 @lx.diagonal.register(KroneckerOperator)

@@ -5,6 +5,8 @@ damped GGN is $\lambda I + \tfrac1N J^\top H J$ with $J$ of rank at most $NC$, f
 below the parameter count, so it is inverted by solving an $NC \times NC$ system.
 """
 
+from collections.abc import Iterable
+
 import equinox as eqx
 import jax
 import jax.flatten_util
@@ -13,7 +15,13 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .base import AbstractCurvatureOperator
+from .base import (
+    AbstractCurvatureOperator,
+    as_tags,
+    concrete_array,
+    is_concretely_symmetric,
+    spectrum_tolerance,
+)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -26,7 +34,7 @@ def _flat_size(structure) -> int:
 class WoodburyOperator(AbstractCurvatureOperator):
     r"""The symmetric operator $D + V S V^\top$ on a parameter PyTree.
 
-    $D$ is diagonal (one non-negative entry per parameter), $V$ maps a small space of
+    $D$ is diagonal (one entry per parameter, positive for `inverse()`), $V$ maps a small space of
     dimension $k$ (e.g. the batch times the outputs) to the parameters, and $S$ is a
     symmetric $k \times k$ core (the identity by default). `mv` costs one product with
     $V$ and one with $V^\top$. `inverse()` applies the Woodbury identity
@@ -44,6 +52,14 @@ class WoodburyOperator(AbstractCurvatureOperator):
     block-diagonal output-space Hessian of the loss; or $V = J^\top H^{1/2}/\sqrt N$
     and $S = I$.
 
+    Always tagged symmetric: $S$ must be symmetric (a concrete non-symmetric `core` is
+    an error) and is symmetrised as $(S + S^\top)/2$, so a traced one is symmetric by
+    construction. Positive semidefiniteness is only the caller's tag, which here
+    promises $D \ge 0$ and $S$ positive semidefinite (sufficient for
+    $D + V S V^\top \succeq 0$); a concrete negative entry of $D$ or a concrete `core`
+    with a negative eigenvalue is then an error, while traced ones are the caller's
+    promise.
+
     **Arguments:**
 
     - `diagonal`: $D$: a PyTree of arrays matching `factor.out_structure()`, or a scalar
@@ -52,14 +68,14 @@ class WoodburyOperator(AbstractCurvatureOperator):
         or a 2-D array of shape `(n, k)` (the parameters are then a flat vector).
     - `core`: $S$, a symmetric `(k, k)` array over the flattened input of `factor`;
         `None` for the identity.
-    - `psd`: whether $D \ge 0$ and $S$ is PSD, for the operator's tag. This is the
-        caller's promise; defaults to `True` when `core` is `None`.
+    - `tags`: a lineax tag or an iterable of them, e.g.
+        `lineax.positive_semidefinite_tag` for a damped Gauss-Newton matrix.
     """
 
     diagonal: PyTree[Array]
     factor: lx.AbstractLinearOperator
     core: Float[Array, "k k"]
-    psd: bool = eqx.field(static=True)
+    tags: frozenset[object] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -67,7 +83,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
         factor: lx.AbstractLinearOperator | Float[Array, "n k"],
         core: Float[ArrayLike, "k k"] | None = None,
         *,
-        psd: bool | None = None,
+        tags: object | Iterable[object] = (),
     ):
         if not isinstance(factor, lx.AbstractLinearOperator):
             factor = jnp.asarray(factor)
@@ -100,7 +116,6 @@ class WoodburyOperator(AbstractCurvatureOperator):
         dtype = jax.tree.leaves(structure)[0].dtype
         if core is None:
             core = jnp.eye(k, dtype=dtype)
-            psd = True if psd is None else psd
         else:
             core = jnp.asarray(core)
             if core.shape != (k, k):
@@ -108,11 +123,20 @@ class WoodburyOperator(AbstractCurvatureOperator):
                     f"`core` must have shape ({k}, {k}) (the flattened input size of "
                     f"`factor`), but has shape {core.shape}."
                 )
-            psd = bool(psd)
+            value = concrete_array(core)
+            if value is not None and not is_concretely_symmetric(value):
+                raise ValueError(
+                    "`core` must be symmetric (the operator is D + V S V^T with a "
+                    "symmetric S), but it is not; pass `(core + core.T) / 2`."
+                )
+            core = 0.5 * (core + core.T)
+        tags = as_tags(tags) | {lx.symmetric_tag}
+        if lx.positive_semidefinite_tag in tags:
+            _check_psd_promise(diagonal, core)
         self.diagonal = diagonal
         self.factor = factor
         self.core = core
-        self.psd = psd
+        self.tags = tags
 
     def _low_rank(self, vector):
         flat_in, unravel_in = jax.flatten_util.ravel_pytree(
@@ -130,11 +154,15 @@ class WoodburyOperator(AbstractCurvatureOperator):
     def in_structure(self):
         return self.factor.out_structure()
 
-    def _is_psd(self) -> bool:
-        return self.psd
-
     def inverse(self) -> "WoodburyOperator":
-        r"""$(D + V S V^\top)^{-1}$ by the Woodbury identity (needs $D > 0$)."""
+        r"""$(D + V S V^\top)^{-1}$ by the Woodbury identity (needs $D > 0$).
+
+        The result is tagged symmetric only: it is positive definite when this operator
+        is, but its core $-S (I + G S)^{-1}$ is negative semidefinite, which the PSD
+        tag of a `WoodburyOperator` ($D \ge 0$, $S \succeq 0$) does not describe. To
+        use it where a PSD tag is needed (a CG preconditioner), wrap it:
+        `lineax.TaggedLinearOperator(op.inverse(), lineax.positive_semidefinite_tag)`.
+        """
         inv_d = jax.tree.map(lambda d: 1 / d, self.diagonal)
         factor = self.factor
         scaled = lx.FunctionLinearOperator(
@@ -160,4 +188,27 @@ class WoodburyOperator(AbstractCurvatureOperator):
         )
         middle = jnp.linalg.solve(capacitance, s)
         middle = 0.5 * (middle + middle.T)
-        return WoodburyOperator(inv_d, scaled, -middle, psd=self.psd)
+        return WoodburyOperator(inv_d, scaled, -middle)
+
+
+def _check_psd_promise(diagonal, core) -> None:
+    """Under a PSD tag: no concrete negative entry of $D$, no concrete non-PSD $S$."""
+    for leaf in jax.tree.leaves(diagonal):
+        value = concrete_array(leaf)
+        if value is not None and value.size and float(value.min()) < 0:
+            raise ValueError(
+                f"`diagonal` has the entry {float(value.min()):.3g}, but the operator "
+                "is tagged `lineax.positive_semidefinite_tag`, which promises a "
+                "non-negative diagonal (and a PSD `core`). Drop the tag, or use a "
+                "non-negative diagonal (damping)."
+            )
+    value = concrete_array(core)
+    if value is not None:
+        w = np.linalg.eigvalsh(value)
+        if float(w.min()) < -spectrum_tolerance(w, w.size):
+            raise ValueError(
+                f"`core` has the eigenvalue {float(w.min()):.3g}, but the operator is "
+                "tagged `lineax.positive_semidefinite_tag`, which promises a positive "
+                "semidefinite `core` (and a non-negative diagonal). Drop the tag, or "
+                "pass a PSD core."
+            )
