@@ -18,13 +18,21 @@ GGN.
 """
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+
+# As optimistix does: type checkers see a ClassVar, which a subclass's ClassVar may
+# override; at run time Equinox checks that a final class sets it.
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 def _check_outputs(loss: str, outputs) -> None:
@@ -70,11 +78,12 @@ def _check_same_shape(loss: str, outputs, targets) -> None:
 
 def _known_values(x) -> np.ndarray | None:
     """The values of `x` where they are known at trace time (not a tracer), else None."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None  # lives partly on other hosts: not checkable here
-    return np.asarray(x)
+    try:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None  # lives partly on other hosts: not checkable here
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None  # traced
 
 
 def _sum_event(x: Array) -> Array:
@@ -115,7 +124,7 @@ class AbstractLoss(eqx.Module):
     The base class derives `symmetric_hessian_sqrt` from `hessian_sqrt`.
     """
 
-    hessian_depends_on_targets: eqx.AbstractClassVar[bool]
+    hessian_depends_on_targets: AbstractClassVar[bool]
 
     @abc.abstractmethod
     def __call__(self, outputs: Float[Array, "batch ..."], targets: ArrayLike) -> Array:
