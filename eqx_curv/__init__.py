@@ -7,7 +7,10 @@ from ._linalg.newton_schulz import (
     newton_schulz as newton_schulz,
     newton_schulz_inverse_sqrt as newton_schulz_inverse_sqrt,
 )
-from ._linalg.power_iteration import power_iteration as power_iteration
+from ._linalg.power_iteration import (
+    power_iteration as power_iteration,
+    PowerIterationResult as PowerIterationResult,
+)
 from ._linalg.roots import (
     inverse_pth_root as inverse_pth_root,
     InverseRootResult as InverseRootResult,

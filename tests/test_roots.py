@@ -214,8 +214,11 @@ def test_power_minus_identity_keeps_small_excess_accurate():
 def test_power_iteration_seeded_and_jittable():
     matrix = jnp.asarray(spd(64, 1e3, 1) * 3.0)
     fn = jax.jit(eqx_curv.power_iteration)
-    lam1, v1 = fn(matrix, jax.random.key(5))
-    lam2, v2 = fn(matrix, jax.random.key(5))
+    r1, r2 = fn(matrix, jax.random.key(5)), fn(matrix, jax.random.key(5))
+    (lam1, v1), (lam2, v2) = (
+        (r1.eigenvalue, r1.eigenvector),
+        (r2.eigenvalue, r2.eigenvector),
+    )
     assert float(lam1) == float(lam2) and np.array_equal(v1, v2)
     np.testing.assert_allclose(float(lam1), 3.0, rtol=1e-6)
     np.testing.assert_allclose(
@@ -228,7 +231,9 @@ def test_power_iteration_on_an_operator_and_signed():
 
     d = jnp.array([1.0, -5.0, 2.0, 0.5])
     op = lx.DiagonalLinearOperator(d)
-    lam, v = eqx_curv.power_iteration(op, jax.random.key(0), max_steps=200)
+    result = eqx_curv.power_iteration(op, jax.random.key(0), max_steps=200)
+    lam, v = result.eigenvalue, result.eigenvector
+    assert bool(result.converged)
     np.testing.assert_allclose(float(lam), -5.0, rtol=1e-6)
     np.testing.assert_allclose(abs(float(v[1])), 1.0, rtol=1e-6)
 

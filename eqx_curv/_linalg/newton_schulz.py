@@ -4,12 +4,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
+from .power_iteration import check_scalar
 from .roots import (
     check_matrix,
+    check_max_steps,
+    check_tolerances,
+    compute_dtype,
     default_tolerances,
+    eigh_dtype_for,
     InverseRootResult,
     iterate_to_rounding,
     ridge_and_scale,
+    with_root_derivative,
 )
 
 
@@ -22,7 +28,7 @@ orthogonal polar factor."""
 
 
 def newton_schulz(
-    matrix: Float[Array, "*batch m n"],
+    matrix: Float[ArrayLike, "*batch m n"],
     *,
     num_steps: int = 5,
     coefficients: tuple[float, ...] = MUON_COEFFICIENTS,
@@ -62,6 +68,8 @@ def newton_schulz(
 
     The approximately orthogonal matrix, with `matrix`'s shape and dtype.
     """
+    if isinstance(matrix, (str, bytes)):
+        raise TypeError(f"`matrix` must be an array, not {type(matrix).__name__}.")
     matrix = jnp.asarray(matrix)
     if matrix.ndim < 2:
         raise ValueError(
@@ -82,6 +90,13 @@ def newton_schulz(
             f"a x + b x^3 + c x^5, but is {coefficients!r}."
         )
     a, b, c = coefficients
+    if not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in coefficients
+    ):
+        raise TypeError(
+            f"`coefficients` must be three Python numbers, but is {coefficients!r}."
+        )
+    eps = check_scalar(eps, "eps", fix="; use e.g. 1e-7")
     tall = matrix.shape[-2] > matrix.shape[-1]
     x = jnp.swapaxes(matrix, -1, -2) if tall else matrix
     norm = jnp.sqrt(jnp.sum(x**2, axis=(-2, -1), keepdims=True))
@@ -100,7 +115,7 @@ def newton_schulz(
 
 
 def newton_schulz_inverse_sqrt(
-    matrix: Float[Array, "n n"],
+    matrix: Float[ArrayLike, "n n"],
     *,
     ridge_epsilon: Real[ArrayLike, ""] = 1e-6,
     max_steps: int = 100,
@@ -130,6 +145,11 @@ def newton_schulz_inverse_sqrt(
     the residual does not fall below `fallback_tolerance` (or the input is not finite),
     `converged` and `valid` are `False` and the root is all NaN.
 
+    Dtypes and differentiation as for [`eqx_curv.inverse_pth_root`][]: 16-bit inputs
+    are computed in float32, and derivatives are those of the exact root (through an
+    eigendecomposition, in float64 when 64-bit mode is on, computed only when
+    differentiating).
+
     **Arguments:**
 
     As for [`eqx_curv.inverse_pth_root`][] with $p = 2$.
@@ -139,12 +159,12 @@ def newton_schulz_inverse_sqrt(
     An [`eqx_curv.InverseRootResult`][].
     """
     matrix = check_matrix(matrix)
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(
-            f"`max_steps` must be a positive Python int, but is {max_steps!r}."
-        )
+    check_max_steps(max_steps)
+    check_tolerances(tolerance, fallback_tolerance)
+    in_dtype = matrix.dtype
+    dtype = compute_dtype(in_dtype)
+    matrix = matrix.astype(dtype)
     n = matrix.shape[0]
-    dtype = matrix.dtype
     tolerance, fallback_tolerance = default_tolerances(
         dtype, n, tolerance, fallback_tolerance
     )
@@ -167,7 +187,7 @@ def newton_schulz_inverse_sqrt(
 
     (zz, _), err, steps = iterate_to_rounding(
         step,
-        (identity, z * ridged),
+        (identity, z * jax.lax.stop_gradient(ridged)),
         residual,
         max_steps=max_steps,
         tolerance=tolerance,
@@ -175,5 +195,7 @@ def newton_schulz_inverse_sqrt(
     )
     root = jnp.sqrt(z) * 0.5 * (zz + zz.T)
     converged = finite_input & (err <= fallback_tolerance)
-    root = jnp.where(converged, root, jnp.nan)
+    root = with_root_derivative(2, eigh_dtype_for(dtype, True), ridged, root)
+    root = jnp.where(converged, root, jnp.nan).astype(in_dtype)
+    ridge = ridge.astype(in_dtype)
     return InverseRootResult(root, err, ridge, steps, converged, converged)

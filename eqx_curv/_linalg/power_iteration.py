@@ -1,27 +1,48 @@
 """Seeded, jittable power iteration for the dominant eigenvalue of a symmetric matrix."""
 
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _structure(tree):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
 
 
 def _flat_matvec(matrix):
     """The product with `matrix` on flat vectors, and the dimension and dtype."""
     if isinstance(matrix, lx.AbstractLinearOperator):
         structure = matrix.in_structure()
-        if jax.tree.structure(structure) != jax.tree.structure(matrix.out_structure()):
+        if (
+            eqx.tree_equal(_structure(structure), _structure(matrix.out_structure()))
+            is not True
+        ):
             raise ValueError(
-                "`matrix` must be a square operator (same input and output structure) "
-                "for power iteration; pass a symmetric operator such as a curvature "
-                "operator."
+                "`matrix` must be a square operator (the same input and output "
+                f"structure) for power iteration, but it maps {_structure(structure)} "
+                f"to {_structure(matrix.out_structure())}; pass a symmetric operator "
+                "such as a curvature operator (for singular values of a rectangular "
+                "`J`, iterate on `J.T @ J`)."
             )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
         flat, unravel = jax.flatten_util.ravel_pytree(zeros)
+        if flat.size == 0:
+            raise ValueError(
+                "`matrix` acts on an empty PyTree (no unknowns); power iteration needs "
+                "at least one."
+            )
+        if not jnp.issubdtype(flat.dtype, jnp.floating):
+            raise TypeError(
+                "`matrix` must act on real floating-point vectors, but its input "
+                f"structure has dtype {flat.dtype}."
+            )
 
         def matvec(v):
             return jax.flatten_util.ravel_pytree(matrix.mv(unravel(v)))[0]
@@ -36,77 +57,174 @@ def _flat_matvec(matrix):
 
 
 def check_matrix(matrix, name="matrix"):
-    matrix = jnp.asarray(matrix)
+    """`matrix` as a JAX array, checked to be one non-empty square real matrix."""
+    try:
+        if isinstance(matrix, (str, bytes)):
+            raise TypeError
+        matrix = jnp.asarray(matrix)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a real floating-point array, not "
+            f"{type(matrix).__name__}."
+        ) from None
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(
             f"`{name}` must be a square 2-D array, but has shape {matrix.shape}; pass "
             "one symmetric matrix (use `jax.vmap` for a batch of them)."
         )
+    if matrix.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` is empty (shape {matrix.shape}); pass a matrix with at least "
+            "one row."
+        )
     if not jnp.issubdtype(matrix.dtype, jnp.floating):
         raise TypeError(
-            f"`{name}` must have a floating-point dtype, not {matrix.dtype}; cast it "
-            "with `.astype(jnp.float32)`."
+            f"`{name}` must have a real floating-point dtype, not {matrix.dtype}; cast "
+            "it with `.astype(jnp.float32)`."
         )
     return matrix
 
 
+def check_scalar(value, name, *, allow_zero=True, fix=""):
+    """A finite, non-negative (or positive) real scalar.
+
+    A Python number or a concrete array is checked now (a `TypeError` or `ValueError`
+    naming `name`); a traced one is returned with an `eqx.error_if` check attached.
+    `fix` ends the message (e.g. `"; use e.g. 1e-6"`).
+    """
+    is_real_array = hasattr(value, "dtype") and (
+        jnp.issubdtype(value.dtype, jnp.floating)
+        or jnp.issubdtype(value.dtype, jnp.integer)
+    )
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) or is_real_array
+    ):
+        raise TypeError(f"`{name}` must be a real number, not {value!r}{fix}.")
+    if jnp.shape(value) != ():
+        raise ValueError(
+            f"`{name}` must be a scalar, but has shape {jnp.shape(value)}{fix}."
+        )
+    bound = "non-negative" if allow_zero else "positive"
+
+    def bad(x):
+        return ~((x > 0) | (allow_zero & (x == 0))) | (x == np.inf)
+
+    if isinstance(value, (int, float)):
+        concrete = value
+    else:
+        try:
+            concrete = float(np.asarray(value))
+        except (
+            jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError,
+        ):
+            message = f"`{name}` must be a finite {bound} number{fix}."
+            return eqx.error_if(value, bad(value), message)
+    if bad(np.float64(concrete)):
+        raise ValueError(
+            f"`{name}` must be a finite {bound} number, but is {concrete!r}{fix}."
+        )
+    return value
+
+
+class PowerIterationResult(eqx.Module):
+    r"""The result of [`eqx_curv.power_iteration`][].
+
+    **Fields:**
+
+    - `eigenvalue`: the Rayleigh quotient $\lambda = v^\top A v$ (signed), the estimate
+        of the eigenvalue of largest magnitude.
+    - `eigenvector`: the unit vector $v$ it was computed from (flat, of length $n$).
+    - `residual`: $\lVert A v - \lambda v\rVert_2$. For a symmetric $A$ some eigenvalue
+        lies within `residual` of `eigenvalue` (and, with a gap $\delta$ to the rest of
+        the spectrum, within $\text{residual}^2 / \delta$), so this is the honest
+        measure of how far the estimate can be trusted.
+    - `num_steps`: the number of products with $A$ (the starting one included).
+    - `converged`: whether `residual <= rtol * |eigenvalue|`. When `False` the estimate
+        may be far from every eigenvalue (e.g. two eigenvalues of nearly equal
+        magnitude and opposite sign, which the iteration cannot separate in few steps).
+    """
+
+    eigenvalue: Float[Array, ""]
+    eigenvector: Float[Array, " n"]
+    residual: Float[Array, ""]
+    num_steps: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
 def power_iteration(
-    matrix: Float[Array, "n n"] | lx.AbstractLinearOperator,
+    matrix: Float[ArrayLike, "n n"] | lx.AbstractLinearOperator,
     key: PRNGKeyArray,
     *,
     max_steps: int = 100,
-    rtol: float | None = None,
-) -> tuple[Float[Array, ""], Float[Array, " n"]]:
+    rtol: Real[ArrayLike, ""] | None = None,
+) -> PowerIterationResult:
     r"""The eigenvalue of largest magnitude of a symmetric matrix, by power iteration.
 
     Starting from a standard-normal vector drawn from `key`, repeats
-    $v \leftarrow A v / \lVert A v \rVert$ and stops when the Rayleigh quotient
-    $\lambda = v^\top A v$ changes by at most `rtol` relative to itself, or after
-    `max_steps` products. The loop is a `jax.lax.while_loop`, so the function is
-    jittable and `vmap`-able, and the same `key` always gives the same answer.
+    $v \leftarrow A v / \lVert A v \rVert$ and stops when the eigen-residual of the
+    Rayleigh quotient $\lambda = v^\top A v$ is small,
+
+    $$\lVert A v - \lambda v\rVert_2 \le \text{rtol}\cdot|\lambda|,$$
+
+    or after `max_steps` products. (A test on the change of $\lambda$ between steps
+    would not do: when the two extreme eigenvalues have nearly equal magnitude and
+    opposite signs, $\lambda$ hardly moves while $v$ is still a mixture of both
+    eigenvectors and $\lambda$ lies far from either.) The loop is a
+    `jax.lax.while_loop`, so the function is jittable and `vmap`-able, and the same
+    `key` always gives the same answer. It is not reverse-mode differentiable (the
+    loop); forward mode works.
 
     For a positive semidefinite matrix the Rayleigh quotient never exceeds
     $\lambda_{\max}$ and approaches it from below.
 
     **Arguments:**
 
-    - `matrix`: a symmetric square 2-D array, or a symmetric lineax operator (whose
-        input PyTree is flattened as `jax.flatten_util.ravel_pytree` does).
+    - `matrix`: a symmetric square 2-D array (JAX or NumPy), or a symmetric lineax
+        operator (whose input PyTree is flattened as `jax.flatten_util.ravel_pytree`
+        does).
     - `key`: a JAX PRNG key for the starting vector.
-    - `max_steps`: the largest number of products with `matrix`.
-    - `rtol`: relative tolerance on successive eigenvalue estimates. Defaults to
-        the square root of the dtype's machine epsilon.
+    - `max_steps`: the largest number of products with `matrix`, a Python int $\ge 1$.
+    - `rtol`: the tolerance on the residual, relative to $|\lambda|$. Defaults to the
+        square root of the dtype's machine epsilon, which puts $\lambda$ itself at about
+        machine precision when the top eigenvalue is separated from the rest (the
+        eigenvalue error is of the order of the squared residual).
 
     **Returns:**
 
-    A pair `(eigenvalue, eigenvector)`: the Rayleigh quotient (a scalar, signed) and
-    the unit vector it was computed from (flat, of length $n$).
+    A [`eqx_curv.PowerIterationResult`][] with `eigenvalue`, `eigenvector`,
+    `residual`, `num_steps` and `converged`.
     """
-    if not isinstance(max_steps, int) or max_steps < 1:
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(
             f"`max_steps` must be a positive Python int, but is {max_steps!r}."
         )
     matvec, n, dtype = _flat_matvec(matrix)
     if rtol is None:
         rtol = float(jnp.finfo(dtype).eps) ** 0.5
+    rtol = check_scalar(rtol, "rtol", fix="; use e.g. 1e-4")
+    if not isinstance(rtol, (int, float)):
+        rtol = rtol.astype(dtype)
     v0 = jax.random.normal(key, (n,), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
-    w0 = matvec(v0)
-    lam0 = jnp.vdot(v0, w0)
+
+    def evaluate(v):
+        w = matvec(v)
+        lam = jnp.vdot(v, w, precision=_HIGHEST)
+        residual = jnp.linalg.norm(w - lam * v)
+        return w, lam, residual, residual <= rtol * jnp.abs(lam)
 
     def cond(carry):
-        step, _, _, lam, lam_prev = carry
-        unconverged = jnp.abs(lam - lam_prev) > rtol * jnp.abs(lam)
-        return (step < max_steps) & unconverged
+        step, *_, converged = carry
+        return (step < max_steps) & ~converged
 
     def body(carry):
-        step, _, w, lam, _ = carry
+        step, v, w, *_ = carry
         norm = jnp.linalg.norm(w)
         # A zero product means v is in the null space: keep the old vector.
-        v = jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1), carry[1])
-        w = matvec(v)
-        return step + 1, v, w, jnp.vdot(v, w), lam
+        v = jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1), v)
+        return step + 1, v, *evaluate(v)
 
-    init = (jnp.array(1), v0, w0, lam0, jnp.array(jnp.inf, dtype))
-    _, v, _, lam, _ = jax.lax.while_loop(cond, body, init)
-    return lam, v
+    init = (jnp.array(1), v0, *evaluate(v0))
+    steps, v, _, lam, residual, converged = jax.lax.while_loop(cond, body, init)
+    return PowerIterationResult(lam, v, residual, steps, converged)

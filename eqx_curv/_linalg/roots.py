@@ -4,12 +4,18 @@ The main path is the coupled Newton iteration of Guo and Higham (2006), written 
 exact integer powers; an eigendecomposition is the fallback when it does not converge.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
-from .power_iteration import check_matrix as check_matrix, power_iteration
+from .power_iteration import (
+    check_matrix as check_matrix,
+    check_scalar,
+    power_iteration,
+)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -33,16 +39,27 @@ def _binary_power(base, p: int, multiply):
         base = multiply(base, base)
 
 
-def matrix_power(matrix: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
+def matrix_power(matrix: Float[ArrayLike, "n n"], p: int) -> Float[Array, "n n"]:
     r"""$M^p$ for an integer $p \ge 1$, by binary exponentiation at HIGHEST precision.
 
     Uses $\lfloor \log_2 p \rfloor$ squarings and one product per further set bit of
     $p$: the exponent is exact for every $p$, not rounded to a power of two.
+
+    **Arguments:**
+
+    - `matrix`: a square real matrix $M$ (JAX or NumPy array).
+    - `p`: the exponent, a Python int $\ge 1$.
+
+    **Returns:**
+
+    $M^p$, as a JAX array of `matrix`'s dtype.
     """
-    return _binary_power(matrix, p, _mm)
+    return _binary_power(check_matrix(matrix), p, _mm)
 
 
-def power_minus_identity(excess: Float[Array, "n n"], p: int) -> Float[Array, "n n"]:
+def power_minus_identity(
+    excess: Float[ArrayLike, "n n"], p: int
+) -> Float[Array, "n n"]:
     r"""$(I + E)^p - I$ for an integer $p \ge 1$, without forming $I + E$.
 
     Binary exponentiation in the "excess over the identity" representation: with
@@ -50,7 +67,17 @@ def power_minus_identity(excess: Float[Array, "n n"], p: int) -> Float[Array, "n
     as in [`eqx_curv.matrix_power`][], but nothing is ever computed as a difference of two
     numbers close to 1. Where $E$ is small the result is accurate relative to its own
     (small) size rather than to $\lVert I \rVert$.
+
+    **Arguments:**
+
+    - `excess`: the square real matrix $E$ (JAX or NumPy array).
+    - `p`: the exponent, a Python int $\ge 1$.
+
+    **Returns:**
+
+    $(I + E)^p - I$, as a JAX array of `excess`'s dtype.
     """
+    excess = check_matrix(excess, "excess")
     return _binary_power(excess, p, lambda u, v: u + v + _mm(u, v))
 
 
@@ -59,8 +86,8 @@ class InverseRootResult(eqx.Module):
 
     **Fields:**
 
-    - `root`: the inverse $p$-th root $(A + \epsilon \lambda_{\max} I)^{-1/p}$; all NaN
-        when `valid` is `False`.
+    - `root`: the inverse $p$-th root $(A + \epsilon \lambda_{\max} I)^{-1/p}$, in the
+        input's dtype; all NaN when `valid` is `False`.
     - `error`: the Newton iteration's final residual $\lVert M - I\rVert_F$, where
         $M = X^p (A + \epsilon \lambda_{\max} I)$ is tracked by the coupled iteration.
     - `ridge`: the ridge $\epsilon \lambda_{\max}$ that was added to the diagonal
@@ -136,35 +163,126 @@ def default_tolerances(dtype, n, tolerance, fallback_tolerance):
     return tolerance, fallback_tolerance
 
 
+def compute_dtype(dtype):
+    """float32 for 16-bit floats (whose eps is too coarse for these iterations, and
+    which `jnp.linalg.eigh` does not take), else `dtype` itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def check_ridge_epsilon(ridge_epsilon):
+    return check_scalar(
+        ridge_epsilon,
+        "ridge_epsilon",
+        fix="; use e.g. 1e-6 (the ridge relative to the largest eigenvalue)",
+    )
+
+
 def ridge_and_scale(matrix, p, ridge_epsilon, power_iteration_steps, key):
     """Symmetrise, add the ridge, and choose the scale z of the first Newton iterate.
 
-    Returns whether the input is finite, the ridged matrix, the ridge and z.
+    Returns whether the input is finite, the ridged matrix, the ridge and z. The ridged
+    matrix and the ridge are differentiable in `matrix` and `ridge_epsilon` (the
+    ridge through the Rayleigh quotient at the power iteration's fixed final vector,
+    whose derivative is that of the eigenvalue); z is not.
     """
-    if isinstance(ridge_epsilon, (int, float)) and not ridge_epsilon >= 0:
+    ridge_epsilon = check_ridge_epsilon(ridge_epsilon)
+    if not isinstance(power_iteration_steps, int) or power_iteration_steps < 1:
         raise ValueError(
-            f"`ridge_epsilon` must be non-negative, but is {ridge_epsilon}; use e.g. "
-            "1e-6 (relative to the largest eigenvalue)."
+            "`power_iteration_steps` must be a positive Python int, but is "
+            f"{power_iteration_steps!r}."
         )
     if key is None:
         key = jax.random.key(0)
-    identity = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+    dtype = matrix.dtype
+    identity = jnp.eye(matrix.shape[0], dtype=dtype)
     finite_input = jnp.isfinite(matrix).all()
     # Non-finite entries would poison every product; iterate on the identity instead
     # and report the input as invalid.
     matrix = jnp.where(finite_input, 0.5 * (matrix + matrix.T), identity)
-    eps = float(jnp.finfo(matrix.dtype).eps)
-    lam_max, _ = power_iteration(
-        matrix, key, max_steps=power_iteration_steps, rtol=10 * eps
+    estimate = power_iteration(
+        jax.lax.stop_gradient(matrix), key, max_steps=power_iteration_steps
     )
-    lam_max = jnp.abs(lam_max)
+    v = jax.lax.stop_gradient(estimate.eigenvector)
+    lam_max = jnp.abs(jnp.vdot(v, _mm(matrix, v[:, None])[:, 0], precision=_HIGHEST))
+    if not isinstance(ridge_epsilon, (int, float)):
+        ridge_epsilon = ridge_epsilon.astype(dtype)
     ridge = ridge_epsilon * lam_max
     # z = (1 + p) / (2 lambda_max(ridged)) puts the spectrum of M_0 = z * ridged in
     # (0, (p + 1) / 2]. Power iteration approaches lambda_max from below, so M_0 may
     # reach a little beyond, still well inside (0, p + 1) where the iteration converges.
-    scale = (1 + ridge_epsilon) * lam_max
+    scale = jax.lax.stop_gradient((1 + ridge_epsilon) * lam_max)
     scale = jnp.where(scale > 0, scale, 1)
     return finite_input, matrix + ridge * identity, ridge, (1 + p) / (2 * scale)
+
+
+def _inverse_root_divided_differences(w, p):
+    r"""$K_{ij} = (w_i^{-1/p} - w_j^{-1/p}) / (w_i - w_j)$, and $f'(w_i)$ where equal.
+
+    With $w_i = w_j (1 + \delta)$ the quotient is
+    $w_j^{-1/p - 1}\,\mathrm{expm1}(-\log1p(\delta) / p) / \delta$, free of the
+    cancellation of the plain difference when $w_i \approx w_j$.
+    """
+    wi, wj = w[:, None], w[None, :]
+    delta = (wi - wj) / wj
+    safe = jnp.where(delta == 0, 1, delta)
+    ratio = jnp.where(delta == 0, -1.0 / p, jnp.expm1(-jnp.log1p(safe) / p) / safe)
+    k = wj ** (-1.0 / p - 1) * ratio
+    return 0.5 * (k + k.T)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def with_root_derivative(p, eigh_dtype, ridged, root):
+    r"""`root`, differentiated as $\bar A^{-1/p}$ with respect to `ridged` $= \bar A$.
+
+    The iterations that compute roots are `while_loop`s, which JAX cannot
+    differentiate in reverse mode; they run on `stop_gradient`-ed inputs, and this
+    function attaches the derivative of the exact root instead (implicit
+    differentiation through an eigendecomposition $\bar A = Q \operatorname{diag}(w)
+    Q^\top$, the Daleckii-Krein formula):
+    $d(\bar A^{-1/p}) = Q\,(K \circ Q^\top d\bar A\, Q)\,Q^\top$ with $K$ the
+    divided differences of $w \mapsto w^{-1/p}$. Linear in $d\bar A$, so reverse mode
+    transposes it.
+    """
+    del p, eigh_dtype, ridged
+    return root
+
+
+@with_root_derivative.defjvp
+def _with_root_derivative_jvp(p, eigh_dtype, primals, tangents):
+    ridged, root = primals
+    d_ridged, _ = tangents
+    w, q = jnp.linalg.eigh(ridged.astype(eigh_dtype))
+    w = jnp.where(w > 0, w, jnp.nan)  # no root, no derivative: NaN as the root
+    k = _inverse_root_divided_differences(w, p)
+    d = d_ridged.astype(eigh_dtype)
+    d = 0.5 * (d + d.T)
+    inner = _mm(_mm(q.T, d), q)
+    d_root = _mm(_mm(q, k * inner), q.T)
+    return root, d_root.astype(root.dtype)
+
+
+def eigh_dtype_for(dtype, in_float64: bool):
+    # float64 is only available in 64-bit mode (canonicalisation maps it to float32
+    # otherwise).
+    x64 = jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
+    return jnp.float64 if in_float64 and x64 else dtype
+
+
+def check_max_steps(max_steps):
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(
+            f"`max_steps` must be a positive Python int, but is {max_steps!r}."
+        )
+
+
+def check_tolerances(tolerance, fallback_tolerance):
+    for name, value in (
+        ("tolerance", tolerance),
+        ("fallback_tolerance", fallback_tolerance),
+    ):
+        if value is not None:
+            check_scalar(value, name, fix="; or None for the dtype's default")
 
 
 def _check_p(p):
@@ -176,7 +294,7 @@ def _check_p(p):
 
 
 def eigh_inverse_pth_root(
-    matrix: Float[Array, "n n"], p: int
+    matrix: Float[ArrayLike, "n n"], p: int
 ) -> tuple[Float[Array, "n n"], Bool[Array, ""]]:
     r"""$A^{-1/p}$ through an eigendecomposition, and whether $A$ is positive definite.
 
@@ -185,15 +303,17 @@ def eigh_inverse_pth_root(
     """
     matrix = check_matrix(matrix)
     _check_p(p)
+    dtype = matrix.dtype
+    matrix = matrix.astype(compute_dtype(dtype))
     sym = 0.5 * (matrix + matrix.T)
     w, q = jnp.linalg.eigh(sym)
     positive = w[0] > 0
     scale = jnp.where(w > 0, w, jnp.nan) ** (-1.0 / p)
-    return _mm(q * scale[None, :], q.T), positive
+    return _mm(q * scale[None, :], q.T).astype(dtype), positive
 
 
 def inverse_pth_root(
-    matrix: Float[Array, "n n"],
+    matrix: Float[ArrayLike, "n n"],
     p: int,
     *,
     ridge_epsilon: Real[ArrayLike, ""] = 1e-6,
@@ -236,14 +356,32 @@ def inverse_pth_root(
     A non-finite input, or one whose ridged matrix is not positive definite, gives a
     result with `valid=False` and an all-NaN root rather than a wrong number.
 
+    **Dtypes.** float16 and bfloat16 inputs are computed in float32 (their machine
+    epsilon is too coarse for the iteration, and `jnp.linalg.eigh` does not take
+    them); `root` and `ridge` come back in the input's dtype.
+
+    **Differentiation.** `jax.grad`, `jax.jvp` and their compositions work, and give
+    the derivative of the exact root $\bar A^{-1/p}$ with respect to `matrix` and
+    `ridge_epsilon` (not of the truncated iteration): the loops run on
+    `jax.lax.stop_gradient`-ed inputs, and the derivative is attached by implicit
+    differentiation through an eigendecomposition of $\bar A$ (Daleckii-Krein
+    formula; one `eigh`, in float64 under the same rule as the fallback, computed only
+    when differentiating). The ridge is differentiated through $\lambda_{\max}$
+    (Rayleigh quotient at the power iteration's final vector). The diagnostics
+    `error`, `num_steps`, `converged` and `valid` carry no derivative. In float32
+    the derivative's relative error is about $\text{eps}\cdot\kappa(\bar A)$.
+
     Reference: Chun-Hua Guo and Nicholas J. Higham, "A Schur-Newton method for the
     matrix $p$'th root and its inverse", SIAM J. Matrix Anal. Appl. 28(3), 2006.
 
     **Arguments:**
 
-    - `matrix`: a symmetric positive semidefinite $n \times n$ matrix.
+    - `matrix`: a symmetric positive semidefinite $n \times n$ matrix (JAX or NumPy
+        array, any real floating dtype, $n \ge 1$).
     - `p`: the order of the root, a Python int $\ge 1$.
-    - `ridge_epsilon`: $\epsilon$, the ridge relative to $\lambda_{\max}$.
+    - `ridge_epsilon`: $\epsilon$, the ridge relative to $\lambda_{\max}$: a finite
+        non-negative real scalar (a traced value is checked at run time with
+        `eqx.error_if`).
     - `max_steps`: the most Newton steps.
     - `tolerance`: stop once $\lVert M - I\rVert_F$ is at most this. Defaults to
         $\text{eps}\sqrt{n}$ for the dtype's machine epsilon, about the rounding level.
@@ -263,11 +401,11 @@ def inverse_pth_root(
     """
     matrix = check_matrix(matrix)
     _check_p(p)
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(
-            f"`max_steps` must be a positive Python int, but is {max_steps!r}."
-        )
-    dtype = matrix.dtype
+    check_max_steps(max_steps)
+    check_tolerances(tolerance, fallback_tolerance)
+    in_dtype = matrix.dtype
+    dtype = compute_dtype(in_dtype)
+    matrix = matrix.astype(dtype)
     n = matrix.shape[0]
     tolerance, fallback_tolerance = default_tolerances(
         dtype, n, tolerance, fallback_tolerance
@@ -277,8 +415,11 @@ def inverse_pth_root(
     finite_input, ridged, ridge, z = ridge_and_scale(
         matrix, p, ridge_epsilon, power_iteration_steps, key
     )
+    # The loops below run on constants; `with_root_derivative` differentiates the
+    # result as the exact root of `ridged`.
+    ridged_const = jax.lax.stop_gradient(ridged)
     x0 = identity * z ** (1.0 / p)
-    m0 = ridged * z
+    m0 = ridged_const * z
 
     def newton_step(state):
         # T = I + D with D = (I - M) / p; X <- X T and M <- T^p M, both written as
@@ -299,20 +440,18 @@ def inverse_pth_root(
     # X is a polynomial in the symmetric matrix; drop the antisymmetric rounding.
     x = 0.5 * (x + x.T)
     converged = finite_input & (err <= fallback_tolerance)
-
-    # float64 is only available in 64-bit mode (canonicalisation maps it to float32
-    # otherwise).
-    x64 = jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
-    fallback_dtype = jnp.float64 if fallback_in_float64 and x64 else dtype
+    fallback_dtype = eigh_dtype_for(dtype, fallback_in_float64)
 
     def newton_branch():
         return x, jnp.array(True)
 
     def eigh_branch():
-        root, positive = eigh_inverse_pth_root(ridged.astype(fallback_dtype), p)
+        root, positive = eigh_inverse_pth_root(ridged_const.astype(fallback_dtype), p)
         return root.astype(dtype), positive
 
     root, positive = jax.lax.cond(converged, newton_branch, eigh_branch)
+    root = with_root_derivative(p, fallback_dtype, ridged, root)
     valid = finite_input & positive
-    root = jnp.where(valid, root, jnp.nan)
+    root = jnp.where(valid, root, jnp.nan).astype(in_dtype)
+    ridge = ridge.astype(in_dtype)
     return InverseRootResult(root, err, ridge, steps, converged, valid)
