@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
+from .power_iteration import check_scalar
+
 
 _CGState: TypeAlias = lx.AbstractLinearOperator
 
@@ -46,6 +48,16 @@ def _sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 def _all_finite(tree: PyTree[Array]) -> Array:
     return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
+
+
+def _is_traced(x) -> bool:
+    try:
+        jnp.asarray(x).item()  # a concrete scalar converts; a tracer does not
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return True
+    except Exception:  # not a scalar, not numeric: let `check_scalar` say so
+        return False
+    return False
 
 
 def _structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -138,7 +150,11 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     - **Result codes.** `successful` when the criterion holds, `max_steps_reached`
       when it does not after `max_steps` steps, `breakdown` as above (also when a
       preconditioner gives $r^\top M r \le 0$), `nonfinite_input` when $b$ or `y0`
-      holds NaN or infinity.
+      holds NaN or infinity, or when a product with the operator (or the
+      preconditioner) or the initial residual $b - Ay_0$ is not finite (e.g. a model
+      with an infinite parameter behind a curvature operator). With
+      `nonfinite_input` the returned solution is all NaN (with `throw=False`): it is
+      never a number that could be mistaken for a solution or a zero step.
 
     Options, passed as `lineax.linear_solve(..., options={...})`:
 
@@ -160,26 +176,28 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     recompute_every: int | None = None
 
     def __check_init__(self):
+        # Python numbers and concrete arrays are checked here; a traced tolerance
+        # (e.g. under `jax.vmap`) is checked at run time by `compute`.
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not value >= 0:
+            if not _is_traced(value):
+                check_scalar(value, name, fix="; use e.g. `CG(rtol=1e-5, atol=0.0)`")
+        for name, what in (
+            ("max_steps", "the largest number of steps, or None for 10 n"),
+            (
+                "recompute_every",
+                "the number of steps between recomputations of the "
+                "true residual, or None",
+            ),
+        ):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ValueError(
-                    f"`{name}` must be a non-negative number, got {value}; use e.g. "
-                    "`CG(rtol=1e-5, atol=1e-5)`."
+                    f"`{name}` must be a positive Python int ({what}), but is "
+                    f"{value!r}."
                 )
-        if self.max_steps is not None and (
-            not isinstance(self.max_steps, int) or self.max_steps < 0
-        ):
-            raise ValueError(
-                f"`max_steps` must be a non-negative int or None, got {self.max_steps!r}."
-            )
-        if self.recompute_every is not None and (
-            not isinstance(self.recompute_every, int) or self.recompute_every < 1
-        ):
-            raise ValueError(
-                "`recompute_every` must be a positive int (the number of steps between "
-                f"recomputations of the true residual), got {self.recompute_every!r}."
-            )
         if (
             isinstance(self.rtol, (int, float))
             and isinstance(self.atol, (int, float))
@@ -204,11 +222,17 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         if not lx.is_positive_semidefinite(operator):
             raise ValueError(
                 "`eqx_curv.CG` needs an operator that lineax reports as positive "
-                "semidefinite. Curvature operators that are PSD (GGN, Fisher, damped) "
-                "are; for others, damp them with `eqx_curv.DampedOperator` or, if you "
-                "know the operator is PSD, wrap it in `lineax.TaggedLinearOperator(op, "
-                "lineax.positive_semidefinite_tag)`. For an indefinite operator use "
-                "`lineax.GMRES` or `lineax.LU`."
+                "semidefinite, and this one is not (damping does not make an operator "
+                "so: `DampedOperator(HessianOperator(...), damping)` is as indefinite "
+                "as the Hessian wherever its curvature is below -damping). Either use "
+                "a solver for symmetric indefinite systems, `lineax.GMRES(rtol, atol)` "
+                "or `lineax.BiCGStab(rtol, atol)` (matrix-free), or for small dense "
+                "problems `lineax.LU()` / `lineax.AutoLinearSolver(well_posed=True)`; "
+                "or solve against a positive semidefinite curvature instead, such as "
+                "`eqx_curv.GGNOperator` or `eqx_curv.FisherOperator` (optionally "
+                "damped), or `eqx_curv.EighOperator(H).abs()` (small). If you know the "
+                "operator is positive semidefinite, wrap it in "
+                "`lineax.TaggedLinearOperator(op, lineax.positive_semidefinite_tag)`."
             )
         return lx.linearise(operator)
 
@@ -241,7 +265,10 @@ class CG(lx.AbstractLinearSolver[_CGState]):
             inputs_finite = _all_finite(vector)
         else:
             inputs_finite = _all_finite(vector) & _all_finite(y0)
-        tol = (self.atol + self.rtol * norm(vector)).astype(dtype)
+        # Tolerances known at construction were checked there; traced ones here.
+        rtol = check_scalar(self.rtol, "rtol")
+        atol = check_scalar(self.atol, "atol")
+        tol = (atol + rtol * norm(vector)).astype(dtype)
         every = self.recompute_every
 
         # Two nested loops. The inner one is plain preconditioned CG on the cheap
@@ -254,21 +281,27 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         # p breaks the conjugacy the beta update relies on: measured in float32 to
         # cost up to 50% more steps and, once, to diverge), and the inner loop has no
         # branch in it, so XLA fuses it as tightly as a textbook CG.
+        #
+        # A non-finite product (an Inf or NaN parameter behind the operator, a
+        # non-finite preconditioner) is not a breakdown of the method: it is flagged
+        # separately and reported as `nonfinite_input`.
 
         def inner(y, r, rnorm, step, stop):
             z = precondition(r)
             gamma = rnorm**2 if preconditioner is None else _dot(r, z)
             bad_start = ~stop & ~(jnp.isfinite(gamma) & (gamma > 0))
+            nonfinite_start = ~stop & ~jnp.isfinite(gamma)
 
             def cond_fun(carry):
-                *_, k, step, stop, _ = carry
+                *_, k, step, stop, _, _ = carry
                 return ~stop & (step < max_steps)
 
             def body_fun(carry):
-                y, r, p, gamma, k, step, _, _ = carry
+                y, r, p, gamma, k, step, _, _, _ = carry
                 q = operator.mv(p)
                 curvature = _dot(p, q)  # p^T A p
-                ok = jnp.isfinite(curvature) & (curvature > 0)
+                finite = jnp.isfinite(curvature)
+                ok = finite & (curvature > 0)
                 # On breakdown alpha = 0: y stays the last good iterate.
                 alpha = jnp.where(ok, gamma / jnp.where(ok, curvature, 1), 0)
                 y = _axpy(alpha, p, y)
@@ -280,22 +313,33 @@ class CG(lx.AbstractLinearSolver[_CGState]):
                 gamma_ok = jnp.isfinite(gamma_new) & (gamma_new > 0)
                 claimed = rnorm <= tol
                 broke = ~ok | (~claimed & ~gamma_ok)
+                nonfinite = ~finite | (ok & ~jnp.isfinite(gamma_new))
                 beta = jnp.where(gamma_ok, gamma_new / gamma, 0)
                 p = _axpy(beta, p, z)
                 stop = claimed | broke
                 if every is not None:
                     stop = stop | ((k + 1) % every == 0)
-                return y, r, p, gamma_new, k + 1, step + 1, stop, broke
+                return y, r, p, gamma_new, k + 1, step + 1, stop, broke, nonfinite
 
-            carry = (y, r, z, gamma, jnp.array(0), step, stop | bad_start, bad_start)
-            y, _, _, _, _, step, _, broke = lax.while_loop(cond_fun, body_fun, carry)
-            return y, step, broke
+            carry = (
+                y,
+                r,
+                z,
+                gamma,
+                jnp.array(0),
+                step,
+                stop | bad_start,
+                bad_start,
+                nonfinite_start,
+            )
+            y, *_, step, _, broke, nonfinite = lax.while_loop(cond_fun, body_fun, carry)
+            return y, step, broke, nonfinite
 
         def outer_cond(carry):
             return ~carry[-1]
 
         def outer_body(carry):
-            y, step, broke, _, _ = carry
+            y, step, broke, nonfinite, _, _ = carry
 
             def true_residual():
                 return _sub(vector, operator.mv(y))
@@ -305,19 +349,31 @@ class CG(lx.AbstractLinearSolver[_CGState]):
             else:
                 r = true_residual()
             rnorm = norm(r)
-            stop = (rnorm <= tol) | broke | (step >= max_steps) | ~inputs_finite
-            y, step, broke_now = inner(y, r, rnorm, step, stop)
-            return y, step, broke | broke_now, rnorm, stop
+            nonfinite = nonfinite | ~jnp.isfinite(rnorm)
+            stop = (
+                (rnorm <= tol)
+                | broke
+                | nonfinite
+                | (step >= max_steps)
+                | ~inputs_finite
+            )
+            y, step, broke_now, nonfinite_now = inner(y, r, rnorm, step, stop)
+            return y, step, broke | broke_now, nonfinite | nonfinite_now, rnorm, stop
 
         false = jnp.array(False)
-        carry0 = (y0, jnp.array(0), false, jnp.array(jnp.inf, dtype), false)
-        y, steps, broke, rnorm, _ = lax.while_loop(outer_cond, outer_body, carry0)
+        carry0 = (y0, jnp.array(0), false, false, jnp.array(jnp.inf, dtype), false)
+        y, steps, broke, nonfinite, rnorm, _ = lax.while_loop(
+            outer_cond, outer_body, carry0
+        )
         result = lx.RESULTS.where(
             rnorm <= tol,
             lx.RESULTS.successful,
             lx.RESULTS.where(broke, lx.RESULTS.breakdown, lx.RESULTS.max_steps_reached),
         )
-        result = lx.RESULTS.where(inputs_finite, result, lx.RESULTS.nonfinite_input)
+        nonfinite = nonfinite | ~inputs_finite
+        result = lx.RESULTS.where(nonfinite, lx.RESULTS.nonfinite_input, result)
+        # Never hand back a number that could pass for a solution (or a zero step).
+        y = jax.tree.map(lambda leaf: jnp.where(nonfinite, jnp.nan, leaf), y)
         stats = {"num_steps": steps, "residual_norm": rnorm, "max_steps": max_steps}
         return y, result, stats
 
