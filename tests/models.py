@@ -62,6 +62,39 @@ class DropoutMLP(eqx.Module):
         return self.last(h)
 
 
+class BatchNormNet(eqx.Module):
+    """Linear, BatchNorm, tanh, linear: 53 parameters, 10 running statistics in state.
+
+    Called as `model(x, state)`, returning `(outputs, new_state)`, as Equinox's
+    stateful layers are.
+    """
+
+    first: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    last: eqx.nn.Linear
+
+    def __init__(self, key, dtype):
+        k1, k2 = jax.random.split(key)
+        self.first = eqx.nn.Linear(4, 5, key=k1, dtype=dtype)
+        self.norm = eqx.nn.BatchNorm(5, "batch", mode="batch", dtype=dtype)
+        self.last = eqx.nn.Linear(5, NUM_OUTPUTS, key=k2, dtype=dtype)
+
+    def __call__(self, x, state):
+        h, state = self.norm(self.first(x), state)
+        return self.last(jnp.tanh(h)), state
+
+
+def make_batchnorm(key, dtype=jnp.float64):
+    """A `BatchNormNet` in inference mode and its state, with running statistics that
+    are not the initial zeros and ones (so that using them is visible)."""
+    kmodel, kmean, kvar = jax.random.split(key, 3)
+    model, state = eqx.nn.make_with_state(BatchNormNet)(kmodel, dtype)
+    mean = jax.random.normal(kmean, (5,), dtype)
+    var = jax.random.uniform(kvar, (5,), dtype, 0.5, 2.0)
+    state = state.set(model.norm.batch_state_index, (mean, var))
+    return eqx.nn.inference_mode(model), state
+
+
 def _mlp(key, dtype):
     return eqx.nn.MLP(
         4, NUM_OUTPUTS, 5, 2, activation=jax.nn.relu, key=key, dtype=dtype

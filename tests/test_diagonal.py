@@ -64,3 +64,23 @@ def test_bad_arguments():
     rect = lx.MatrixLinearOperator(jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="square"):
         eqx_curv.exact_diagonal(rect)
+
+
+def test_diagonals_over_part_of_the_parameters():
+    """On an operator over a filtered parameter PyTree (None where frozen)."""
+    op, dense = _op("ggn_head")
+    structure = op.in_structure()
+    assert any(
+        leaf is None for leaf in jax.tree.leaves(structure, is_leaf=lambda x: x is None)
+    )
+    diag = eqx_curv.exact_diagonal(op)
+    assert jax.tree.structure(diag) == jax.tree.structure(structure)
+    eps = float(jnp.finfo(dense.dtype).eps)
+    np.testing.assert_allclose(ravel(diag), jnp.diag(dense), atol=100 * eps)
+    num = 400
+    est = eqx_curv.hutchinson_diagonal(op, jax.random.key(4), num)
+    assert jax.tree.structure(est) == jax.tree.structure(structure)
+    var = (dense**2).sum(1) - jnp.diag(dense) ** 2
+    np.testing.assert_array_less(
+        jnp.abs(ravel(est) - jnp.diag(dense)), 5 * jnp.sqrt(var / num) + 1e-12
+    )

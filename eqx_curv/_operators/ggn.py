@@ -21,6 +21,7 @@ the transpose of the tangent map ($J^\top u$, a reverse-mode pass).
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -52,14 +53,56 @@ def _batch_size(inputs: PyTree[Array]) -> int:
     return sizes.pop()
 
 
+def _is_stateful(x: Any) -> bool:
+    return isinstance(x, (eqx.nn.State, eqx.nn.StateIndex))
+
+
+def _batch_axis_name(model: PyTree) -> Any:
+    """The named axis `eqx.nn.BatchNorm` layers of `model` reduce over, if any.
+
+    In training mode they average over the vmapped batch by that name; in inference
+    mode the name is unused, and binding it does no harm.
+    """
+    names = []
+    for leaf in jax.tree.leaves(
+        model, is_leaf=lambda x: isinstance(x, eqx.nn.BatchNorm)
+    ):
+        if isinstance(leaf, eqx.nn.BatchNorm) and leaf.axis_name not in names:
+            names.append(leaf.axis_name)
+    if len(names) == 1 and isinstance(names[0], str):
+        return names[0]
+    return None
+
+
 def apply_batched(
-    model: Callable, inputs: PyTree[Array], key: PRNGKeyArray | None
+    model: Callable,
+    inputs: PyTree[Array],
+    key: PRNGKeyArray | None,
+    state: PyTree | None = None,
 ) -> PyTree[Array]:
-    """Apply a one-example model to a batch; with a `key`, each example gets its own."""
+    """Apply a one-example model to a batch; with a `key`, each example gets its own.
+
+    With a `state`, the model is called as `model(x, state)` and returns `(outputs,
+    new_state)`; the same state is given to every example and the new one is dropped.
+    """
+
+    def call(x, k, s):
+        kwargs = {} if k is None else {"key": k}
+        if state is None:
+            return model(x, **kwargs)
+        return model(x, s, **kwargs)[0]
+
+    axis_name = _batch_axis_name(model)
+    # The state goes in as an unbatched argument, not by closure: a stateful layer
+    # that calls `state.set` then invalidates a copy, never the operator's own state.
     if key is None:
-        return jax.vmap(lambda x: model(x))(inputs)
+        return jax.vmap(
+            lambda x, s: call(x, None, s), in_axes=(0, None), axis_name=axis_name
+        )(inputs, state)
     keys = jax.random.split(key, _batch_size(inputs))
-    return jax.vmap(lambda x, k: model(x, key=k))(inputs, keys)
+    return jax.vmap(call, in_axes=(0, 0, None), axis_name=axis_name)(
+        inputs, keys, state
+    )
 
 
 def sample_targets(
@@ -96,25 +139,172 @@ def _per_example_gradients(loss: AbstractLoss, outputs: Array, targets) -> Array
     return jax.grad(loss)(outputs, targets) * outputs.shape[0]
 
 
+class _BatchedModel(eqx.Module):
+    """A one-example model on a batch, split into the parameters and everything else.
+
+    `params` are the floating-point arrays `filter_spec` selects (None elsewhere, as
+    `eqx.filter` gives); `rest` is the rest of the model, held fixed, including any
+    `eqx.nn.State` or `eqx.nn.StateIndex` inside it (running statistics are never
+    parameters); `state` is the explicit state the model is called with, if any.
+    """
+
+    params: PyTree[Array]
+    rest: PyTree
+    inputs: PyTree[Array]
+    model_key: PRNGKeyArray | None
+    state: PyTree | None
+
+    def __call__(self, params: PyTree[Array]) -> Array:
+        model = eqx.combine(params, self.rest)
+        return apply_batched(model, self.inputs, self.model_key, self.state)
+
+
+def split_parameters(model: PyTree, filter_spec: PyTree) -> tuple[PyTree, PyTree]:
+    """`(params, rest)`: the selected floating-point arrays, and the rest of `model`."""
+    try:
+        chosen, rest = eqx.partition(model, filter_spec)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "`filter_spec` must be a bool, a callable `leaf -> bool`, or a PyTree of "
+            "those that is a prefix of `model` (as for `eqx.filter`), e.g. "
+            "`eqx.tree_at(lambda m: m.last, jax.tree.map(lambda _: False, model), "
+            f"replace=True)`. Applying it to `model` failed: {error}"
+        ) from error
+    params, held = eqx.partition(
+        chosen,
+        lambda x: not _is_stateful(x) and eqx.is_inexact_array(x),
+        is_leaf=_is_stateful,
+    )
+    return params, eqx.combine(rest, held)
+
+
+def _application_error(model, inputs, model_key, state, error) -> str:
+    """What to fix when applying `model` to the batch failed with `error`."""
+    summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    if isinstance(error, NameError) and "axis" in str(error):
+        return (
+            f"`model` uses a named batch axis that could not be bound ({summary}). "
+            "An `eqx.nn.BatchNorm` in training mode needs it: give all such layers the "
+            "same `axis_name` (a string), or take the curvature in inference mode with "
+            "`eqx.nn.inference_mode(model)` and the running statistics passed as `state=`."
+        )
+    stateful = any(
+        isinstance(x, eqx.nn.StateIndex)
+        for x in jax.tree.leaves(model, is_leaf=_is_stateful)
+    )
+    if state is None and stateful:
+        return (
+            f"`model` has stateful layers (`eqx.nn.StateIndex`, e.g. `eqx.nn.BatchNorm`) "
+            f"and could not be applied without a state ({summary}). Pass the state "
+            "from `model, state = eqx.nn.make_with_state(...)(...)` as `state=`: the "
+            "model is then called as `model(x, state)` and returns `(outputs, state)`."
+        )
+    try:
+        if state is None:
+            eqx.filter_eval_shape(lambda m, x: m(x), model, inputs)
+        else:
+            eqx.filter_eval_shape(lambda m, x, s: m(x, s), model, inputs, state)
+    except Exception:  # noqa: BLE001 - only asking whether the whole batch is one example
+        one_example = False
+    else:
+        one_example = True
+    shapes = jax.tree.map(jnp.shape, inputs)
+    if one_example:
+        return (
+            f"`inputs` must have a leading batch axis: `model` accepts `inputs` "
+            f"(shapes {shapes}) as ONE example, so the operator, which vmaps the model "
+            "over the leading axis, cannot. Add the batch axis, e.g. `inputs[None]`."
+        )
+    return (
+        f"Applying `model` to one example of `inputs` (the batch has shapes {shapes}) "
+        f"failed ({summary}). `model` must map ONE example to its outputs, and "
+        "`inputs` must have a leading batch axis, which the operator vmaps over."
+    )
+
+
+def _batched_model(
+    model: PyTree,
+    loss: AbstractLoss,
+    inputs: PyTree[ArrayLike],
+    model_key: PRNGKeyArray | None,
+    state: PyTree | None,
+    filter_spec: PyTree,
+) -> tuple[_BatchedModel, jax.ShapeDtypeStruct]:
+    """Check the constructors' arguments; returns the batched model and its outputs."""
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(
+            "`loss` must be an eqx_curv loss (`SoftmaxCrossEntropy()`, "
+            f"`MeanSquaredError()`, `SigmoidBinaryCrossEntropy()`), not "
+            f"{type(loss).__name__}: the operator needs its output-space curvature."
+        )
+    params, rest = split_parameters(model, filter_spec)
+    if not jax.tree.leaves(params):
+        raise ValueError(
+            "`model` has no floating-point arrays selected by `filter_spec`: there is "
+            "nothing to take curvature over. Select the parameters to keep, e.g. "
+            "`filter_spec=eqx.is_inexact_array` (the default)."
+        )
+    check_inexact_params(params, name="model")
+    inputs = jax.tree.map(jnp.asarray, inputs)
+    if _batch_size(inputs) == 0:
+        raise ValueError(
+            "`inputs` is an empty batch (leading axis of size 0): the mean loss over no "
+            "examples, and so its curvature, is undefined. Pass at least one example."
+        )
+    try:
+        outputs = eqx.filter_eval_shape(apply_batched, model, inputs, model_key, state)
+    except Exception as error:  # the model's own error, re-raised with what to fix
+        raise ValueError(
+            _application_error(model, inputs, model_key, state, error)
+        ) from error
+    if not isinstance(outputs, jax.ShapeDtypeStruct):
+        got = type(outputs).__name__
+        if state is None and isinstance(outputs, tuple) and len(outputs) == 2:
+            fix = (
+                " If it is a stateful model returning `(outputs, state)`, pass its state "
+                "as `state=`; otherwise wrap it to return only the outputs, e.g. "
+                "`lambda x: model(x)[0]` inside an `eqx.Module`."
+            )
+        elif state is not None:
+            fix = " With `state=`, the model must return `(outputs, new_state)`."
+        else:
+            fix = " Wrap it to return only the outputs."
+        raise ValueError(
+            f"`model` must return one array of outputs per example, but returns a "
+            f"{got} of {len(jax.tree.leaves(outputs))} arrays.{fix}"
+        )
+    if not jnp.issubdtype(outputs.dtype, jnp.floating):
+        raise TypeError(
+            f"`model` must return floating-point outputs, but returns {outputs.dtype}."
+        )
+    return _BatchedModel(params, rest, inputs, model_key, state), outputs
+
+
+def _check_targets(loss, outputs, targets) -> Array:
+    targets = jnp.asarray(targets)
+    batch = outputs.shape[0]
+    if jnp.shape(targets)[:1] != (batch,):
+        raise ValueError(
+            f"`targets` must have one entry per example of `inputs` (batch size "
+            f"{batch}), but have shape {jnp.shape(targets)}."
+        )
+    eqx.filter_eval_shape(loss, outputs, targets)
+    return targets
+
+
 class _AbstractOutputSpaceOperator(AbstractCurvatureOperator):
     r"""$J^\top M J$ for a model on a batch and an output-space map $M$."""
 
-    model: eqx.AbstractVar[PyTree]
+    batched: eqx.AbstractVar[_BatchedModel]
     loss: eqx.AbstractVar[AbstractLoss]
-    inputs: eqx.AbstractVar[PyTree[Array]]
-    model_key: eqx.AbstractVar[PRNGKeyArray | None]
 
     @abc.abstractmethod
     def _output_map(self, outputs: Array) -> Callable[[Array], Array]:
         """The per-example output-space matrix $M$ at `outputs`, as a linear map."""
 
     def _linear_map(self) -> Callable[[PyTree[Array]], PyTree[Array]]:
-        params, static = eqx.partition(self.model, eqx.is_inexact_array)
-
-        def forward(p):
-            return apply_batched(eqx.combine(p, static), self.inputs, self.model_key)
-
-        outputs, jvp_fn = jax.linearize(forward, params)
+        params = self.batched.params
+        outputs, jvp_fn = jax.linearize(self.batched, params)
         vjp_fn = jax.linear_transpose(jvp_fn, params)
         output_map = self._output_map(outputs)
 
@@ -128,7 +318,7 @@ class _AbstractOutputSpaceOperator(AbstractCurvatureOperator):
         return self._linear_map()(vector)
 
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
-        return structure_of(eqx.filter(self.model, eqx.is_inexact_array))
+        return structure_of(self.batched.params)
 
     @property
     def tags(self) -> frozenset[object]:
@@ -139,28 +329,6 @@ class _AbstractOutputSpaceOperator(AbstractCurvatureOperator):
 @lx.linearise.register(_AbstractOutputSpaceOperator)
 def _(operator):
     return linearised(operator._linear_map(), operator.in_structure(), operator.tags)
-
-
-def _check_model_and_loss(model, loss, inputs, key, targets=None):
-    """Trace-time checks shared by the constructors; returns the output shape."""
-    if not isinstance(loss, AbstractLoss):
-        raise TypeError(
-            "`loss` must be an eqx_curv loss (`SoftmaxCrossEntropy()`, "
-            f"`MeanSquaredError()`, `SigmoidBinaryCrossEntropy()`), not "
-            f"{type(loss).__name__}: the operator needs its output-space curvature."
-        )
-    check_inexact_params(eqx.filter(model, eqx.is_inexact_array), name="model")
-    batch = _batch_size(inputs)
-    outputs = eqx.filter_eval_shape(apply_batched, model, inputs, key)
-    if targets is not None:
-        leading = jnp.shape(targets)[:1]
-        if leading != (batch,):
-            raise ValueError(
-                f"`targets` must have one entry per example of `inputs` (batch size "
-                f"{batch}), but have shape {jnp.shape(targets)}."
-            )
-        eqx.filter_eval_shape(loss, outputs, targets)
-    return outputs
 
 
 class GGNOperator(_AbstractOutputSpaceOperator):
@@ -176,38 +344,59 @@ class GGNOperator(_AbstractOutputSpaceOperator):
     **Arguments:**
 
     - `model`: an Equinox module mapping ONE example to outputs; its floating-point
-        arrays are the parameters.
+        arrays (those `filter_spec` selects) are the parameters.
     - `loss`: an eqx_curv loss, e.g. `SoftmaxCrossEntropy()`.
-    - `inputs`: the batch, with a leading batch axis.
-    - `targets`: the batch's targets (the GGN of these losses does not depend on them,
-        but they are checked against the loss).
-    - `key`: for models that take a `key=` (dropout); each example gets its own key,
-        split from this one. `None` calls the model without a key.
+    - `inputs`: the batch, with a leading batch axis (at least one example).
+    - `targets`: the batch's targets. Needed only where the loss's output Hessian
+        depends on them (`loss.hessian_depends_on_targets`; not for the built-in
+        losses); when given, they are checked against the loss.
+    - `model_key`: for models that take a `key=` (dropout); each example gets its own
+        key, split from this one. `None` calls the model without a key.
+    - `filter_spec`: which parts of `model` are the parameters, as for `eqx.filter`:
+        a callable `leaf -> bool`, or a PyTree prefix of `model` of those and bools.
+        Only the floating-point arrays it selects are parameters; the rest (frozen
+        layers, a fine-tuned model's backbone) is held fixed. `in_structure()` is the
+        structure of those arrays, with None elsewhere, as `eqx.filter` gives.
+        Default `eqx.is_inexact_array`: every floating-point array.
+    - `state`: the state of a stateful model (the `eqx.nn.State` of
+        `model, state = eqx.nn.make_with_state(...)(...)`, e.g. for
+        `eqx.nn.BatchNorm`). The model is then called as `model(x, state)` and
+        returns `(outputs, new_state)`. The curvature is at this fixed state: it is
+        never differentiated and `new_state` is dropped. Pass
+        `eqx.nn.inference_mode(model)` to normalise with the running statistics; in
+        training mode the statistics of `inputs` are used. Running statistics are
+        never parameters, even when an `eqx.nn.State` is held inside `model`.
     """
 
-    model: PyTree
+    batched: _BatchedModel
     loss: AbstractLoss
-    inputs: PyTree[Array]
-    targets: Array
-    model_key: PRNGKeyArray | None
+    targets: Array | None
 
     def __init__(
         self,
         model: PyTree,
         loss: AbstractLoss,
         inputs: PyTree[ArrayLike],
-        targets: ArrayLike,
+        targets: ArrayLike | None = None,
         *,
-        key: PRNGKeyArray | None = None,
+        model_key: PRNGKeyArray | None = None,
+        filter_spec: PyTree = eqx.is_inexact_array,
+        state: PyTree | None = None,
     ):
-        inputs = jax.tree.map(jnp.asarray, inputs)
-        targets = jnp.asarray(targets)
-        _check_model_and_loss(model, loss, inputs, key, targets)
-        self.model = model
+        batched, outputs = _batched_model(
+            model, loss, inputs, model_key, state, filter_spec
+        )
+        if targets is not None:
+            targets = _check_targets(loss, outputs, targets)
+        elif loss.hessian_depends_on_targets:
+            raise ValueError(
+                f"`targets` are needed: the output Hessian of `{type(loss).__name__}` "
+                "depends on them (`hessian_depends_on_targets` is True). Pass the "
+                "batch's targets, `GGNOperator(model, loss, inputs, targets)`."
+            )
+        self.batched = batched
         self.loss = loss
-        self.inputs = inputs
         self.targets = targets
-        self.model_key = key
 
     def _output_map(self, outputs: Array) -> Callable[[Array], Array]:
         return lambda t: self.loss.hvp(outputs, t, targets=self.targets)
@@ -220,30 +409,33 @@ class FisherOperator(_AbstractOutputSpaceOperator):
     \nabla_o \ell^\top] J_i$, where $p(y \mid o) \propto e^{-\ell(o, y)}$ is the
     distribution the loss is the negative log-likelihood of.
 
-    With `key=None` the expectation is exact; for the losses in eqx_curv (canonical
-    links) it equals the output Hessian, so the exact Fisher is the GGN. With a `key`,
-    it is estimated from `num_samples` targets drawn per example from $p(y \mid o_i)$
-    (Martens, "New insights and perspectives on the natural gradient method", JMLR
-    21(146), 2020). The draws are fixed by the key, so the operator is one fixed
-    symmetric positive semidefinite matrix, of rank at most `N * num_samples`.
+    With `key=None` the expectation is exact; for losses whose output Hessian does not
+    depend on the targets (canonical links, as every built-in loss) it equals the
+    output Hessian, so the exact Fisher is the GGN. With a `key`, it is estimated
+    from `num_samples` targets drawn per example from $p(y \mid o_i)$ (Martens, "New
+    insights and perspectives on the natural gradient method", JMLR 21(146), 2020).
+    The draws are fixed by the key, so the operator is one fixed symmetric positive
+    semidefinite matrix, of rank at most `N * num_samples`.
 
     **Arguments:**
 
     - `model`: an Equinox module mapping ONE example to outputs.
     - `loss`: an eqx_curv loss; its `sample` draws the targets.
-    - `inputs`: the batch, with a leading batch axis.
-    - `key`: the key for the sampled targets; `None` for the exact Fisher.
+    - `inputs`: the batch, with a leading batch axis (at least one example).
+    - `key`: the operator's own randomness, the key for the sampled targets; `None`
+        for the exact Fisher.
     - `num_samples`: targets drawn per example (used only with a `key`).
-    - `model_key`: for models that take a `key=` (dropout), as `key` of
+    - `model_key`: for models that take a `key=` (dropout), as in
         [`eqx_curv.GGNOperator`][].
+    - `filter_spec`: which parts of `model` are the parameters, as in
+        [`eqx_curv.GGNOperator`][].
+    - `state`: the fixed state of a stateful model, as in [`eqx_curv.GGNOperator`][].
     """
 
-    model: PyTree
+    batched: _BatchedModel
     loss: AbstractLoss
-    inputs: PyTree[Array]
     key: PRNGKeyArray | None
     num_samples: int = eqx.field(static=True)
-    model_key: PRNGKeyArray | None
 
     def __init__(
         self,
@@ -254,29 +446,33 @@ class FisherOperator(_AbstractOutputSpaceOperator):
         key: PRNGKeyArray | None = None,
         num_samples: int = 1,
         model_key: PRNGKeyArray | None = None,
+        filter_spec: PyTree = eqx.is_inexact_array,
+        state: PyTree | None = None,
     ):
-        inputs = jax.tree.map(jnp.asarray, inputs)
-        _check_model_and_loss(model, loss, inputs, model_key)
+        batched, _ = _batched_model(model, loss, inputs, model_key, state, filter_spec)
         if isinstance(num_samples, bool) or not (
             isinstance(num_samples, int) and num_samples >= 1
         ):
             raise ValueError(
                 f"`num_samples` must be a positive Python int, got {num_samples!r}."
             )
-        self.model = model
+        if key is None and loss.hessian_depends_on_targets:
+            raise ValueError(
+                f"The exact Fisher (`key=None`) of `{type(loss).__name__}` is not its "
+                "output Hessian (that depends on the targets), and eqx_curv does not "
+                "compute the expectation in closed form. Pass a `key` for the "
+                "Monte-Carlo Fisher, or use `GGNOperator` with the targets."
+            )
+        self.batched = batched
         self.loss = loss
-        self.inputs = inputs
         self.key = key
         self.num_samples = num_samples
-        self.model_key = model_key
 
     def _output_map(self, outputs: Array) -> Callable[[Array], Array]:
         if self.key is None:
-            # The exact Fisher of a canonical-link loss is its output Hessian; the
-            # targets do not enter it, so the loss's own sample stands in for them.
-            placeholder = jax.eval_shape(self.loss.sample, jax.random.key(0), outputs)
-            targets = jnp.zeros(placeholder.shape, placeholder.dtype)
-            return lambda t: self.loss.hvp(outputs, t, targets=targets)
+            # The exact Fisher of a canonical-link loss is its output Hessian, which
+            # does not involve the targets.
+            return lambda t: self.loss.hvp(outputs, t)
         targets = sample_targets(self.loss, self.key, self.num_samples, outputs)
         residuals = jax.vmap(lambda y: _per_example_gradients(self.loss, outputs, y))(
             targets
@@ -297,16 +493,18 @@ class EmpiricalFisherOperator(_AbstractOutputSpaceOperator):
 
     - `model`: an Equinox module mapping ONE example to outputs.
     - `loss`: an eqx_curv loss.
-    - `inputs`: the batch, with a leading batch axis.
+    - `inputs`: the batch, with a leading batch axis (at least one example).
     - `targets`: the data targets.
-    - `key`: for models that take a `key=` (dropout), as in [`eqx_curv.GGNOperator`][].
+    - `model_key`: for models that take a `key=` (dropout), as in
+        [`eqx_curv.GGNOperator`][].
+    - `filter_spec`: which parts of `model` are the parameters, as in
+        [`eqx_curv.GGNOperator`][].
+    - `state`: the fixed state of a stateful model, as in [`eqx_curv.GGNOperator`][].
     """
 
-    model: PyTree
+    batched: _BatchedModel
     loss: AbstractLoss
-    inputs: PyTree[Array]
     targets: Array
-    model_key: PRNGKeyArray | None
 
     def __init__(
         self,
@@ -315,16 +513,16 @@ class EmpiricalFisherOperator(_AbstractOutputSpaceOperator):
         inputs: PyTree[ArrayLike],
         targets: ArrayLike,
         *,
-        key: PRNGKeyArray | None = None,
+        model_key: PRNGKeyArray | None = None,
+        filter_spec: PyTree = eqx.is_inexact_array,
+        state: PyTree | None = None,
     ):
-        inputs = jax.tree.map(jnp.asarray, inputs)
-        targets = jnp.asarray(targets)
-        _check_model_and_loss(model, loss, inputs, key, targets)
-        self.model = model
+        batched, outputs = _batched_model(
+            model, loss, inputs, model_key, state, filter_spec
+        )
+        self.batched = batched
         self.loss = loss
-        self.inputs = inputs
-        self.targets = targets
-        self.model_key = key
+        self.targets = _check_targets(loss, outputs, targets)
 
     def _output_map(self, outputs: Array) -> Callable[[Array], Array]:
         residuals = _per_example_gradients(self.loss, outputs, self.targets)

@@ -41,7 +41,9 @@ class HessianOperator(AbstractCurvatureOperator):
     fn: Callable
     params: PyTree[Array]
 
-    def __init__(self, fn: Callable[[PyTree[Array]], Scalar], params: PyTree[Array]):
+    def __init__(self, fn: Callable[[PyTree[Array]], Scalar], params: PyTree):
+        # `params` annotated as any PyTree: the check below says what is wrong with a
+        # whole model passed as parameters, and how to split it.
         check_inexact_params(params)
         params = jax.tree.map(jnp.asarray, params)
         out = eqx.filter_eval_shape(fn, params)
