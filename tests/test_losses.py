@@ -296,10 +296,11 @@ def test_per_token_outputs(tokens, key):
     per_example = per_token.reshape(n, -1).mean(axis=1)
     np.testing.assert_allclose(loss(o, labels), per_example.mean(), rtol=1e-14)
     _check_curvature(loss, o, labels)
-    soft = _soft_targets(ks, o.shape)
-    expected = optax.softmax_cross_entropy(o, soft).mean()
-    np.testing.assert_allclose(loss(o, soft), expected, rtol=1e-14)
-    _check_curvature(loss, o, soft)
+    if len(tokens) == 1:  # (the code path does not depend on the number of axes)
+        soft = _soft_targets(ks, o.shape)
+        expected = optax.softmax_cross_entropy(o, soft).mean()
+        np.testing.assert_allclose(loss(o, soft), expected, rtol=1e-14)
+        _check_curvature(loss, o, soft)
     # Sampling: one label per token, in range, from the softmax of that token.
     num = 2000
     draws = jax.jit(jax.vmap(lambda k: loss.sample(k, o)))(jax.random.split(key, num))
