@@ -191,4 +191,136 @@ OPERATOR_NAMES = [
 
 def operator_entry(name):
     """(build, oracle, psd) for a registered operator name."""
+    if name in STRUCTURED_NAMES:
+        return _structured_entry(name)
     return _operators()[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Structured operators, built from fixed small float64 matrices: entries of the same
+# (build, oracle, psd) form, whose `build` and `oracle` ignore the model problem they
+# are given. Their oracles are `numpy` products of the same matrices.
+
+
+def _orthogonal(n, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return q
+
+
+def _spectrum_matrix(values, seed):
+    q = _orthogonal(len(values), seed)
+    return (q * np.asarray(values)) @ q.T
+
+
+def _block_diagonal_dense(*blocks):
+    n = sum(b.shape[0] for b in blocks)
+    out, i = np.zeros((n, n)), 0
+    for b in blocks:
+        out[i : i + b.shape[0], i : i + b.shape[0]] = b
+        i += b.shape[0]
+    return out
+
+
+def _structured():
+    """name -> (build(), dense, psd), built from the matrices below."""
+    import lineax as lx
+
+    import eqx_curv
+
+    psd_tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    a = _spectrum_matrix([2.0, 1.0, 0.5], 0)
+    b = _spectrum_matrix([1.5, 0.4], 1)
+    indefinite = _spectrum_matrix([1.0, -0.7, 0.3], 2)
+    qa, qb = _orthogonal(3, 3), _orthogonal(2, 4)
+    s = np.array([[1.0, 0.5], [2.0, 0.25], [0.8, 1.2]])
+    w = np.array([1.3, -0.6, 0.9, 0.2, -1.1])
+    qw = _orthogonal(5, 5)
+    d = {"b": np.linspace(0.5, 1.5, 5), "w": np.full((4, 3), 0.3)}
+    v = np.random.default_rng(6).standard_normal((17, 3))
+    d_flat = np.concatenate([d["b"], d["w"].ravel()])  # ravel_pytree order: b, w
+
+    def woodbury():
+        _, unravel = jax.flatten_util.ravel_pytree(
+            {"b": jnp.zeros(5), "w": jnp.zeros((4, 3))}
+        )
+        factor = lx.FunctionLinearOperator(
+            lambda u: unravel(jnp.asarray(v) @ u),
+            jax.ShapeDtypeStruct((3,), jnp.float64),
+        )
+        diagonal = jax.tree.map(jnp.asarray, d)
+        return eqx_curv.WoodburyOperator(
+            diagonal, factor, tags=lx.positive_semidefinite_tag
+        )
+
+    def block_diagonal():
+        return eqx_curv.BlockDiagonalOperator(
+            {
+                "w": eqx_curv.KroneckerOperator(
+                    jnp.asarray(a), jnp.asarray(b), tags=psd_tags
+                ),
+                "b": lx.TaggedLinearOperator(
+                    lx.DiagonalLinearOperator(jnp.asarray(d["b"])), psd_tags
+                ),
+            }
+        )
+
+    eigen = np.kron(qa, qb)
+    return {
+        "kronecker": (
+            lambda: eqx_curv.KroneckerOperator(
+                jnp.asarray(a), jnp.asarray(b), tags=psd_tags
+            ),
+            np.kron(a, b),
+            True,
+        ),
+        "kronecker_indefinite": (
+            lambda: eqx_curv.KroneckerOperator(jnp.asarray(indefinite), jnp.asarray(b)),
+            np.kron(indefinite, b),
+            False,
+        ),
+        "kronecker_eigen": (
+            lambda: eqx_curv.KroneckerEigenOperator(
+                jnp.asarray(qa), jnp.asarray(qb), jnp.asarray(s), tags=psd_tags
+            ),
+            (eigen * s.ravel()) @ eigen.T,
+            True,
+        ),
+        "eigh": (
+            lambda: eqx_curv.EighOperator(
+                eigenvalues=jnp.asarray(w),
+                eigenvectors=jnp.asarray(qw),
+                structure={
+                    "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+                    "b": jax.ShapeDtypeStruct((3,), jnp.float64),
+                },
+            ),
+            (qw * w) @ qw.T,
+            False,
+        ),
+        "woodbury": (woodbury, np.diag(d_flat) + v @ v.T, True),
+        # ravel_pytree orders the dict keys: "b", then "w".
+        "block_diagonal": (
+            block_diagonal,
+            _block_diagonal_dense(np.diag(d["b"]), np.kron(a, b)),
+            True,
+        ),
+    }
+
+
+def _structured_entry(name):
+    build, dense, psd = _structured()[name]
+    return (
+        lambda m, loss, x, y, k: build(),
+        lambda m, loss, x, y, k: jnp.asarray(dense),
+        psd,
+    )
+
+
+STRUCTURED_NAMES = [
+    "kronecker",
+    "kronecker_indefinite",
+    "kronecker_eigen",
+    "eigh",
+    "woodbury",
+    "block_diagonal",
+]

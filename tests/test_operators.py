@@ -14,11 +14,11 @@ from helpers import (
     OPERATOR_NAMES,
     random_like,
     ravel,
+    STRUCTURED_NAMES,
 )
 from models import make_problem, MODELS
 
 import eqx_curv
-from eqx_curv._operators.base import LinearisedOperator
 
 
 LOSSES = ["softmax", "mse", "bce"]
@@ -54,7 +54,7 @@ ORACLE_CASES = [
         if name in ("hessian", "ggn", "fisher_mc", "empirical_fisher")
         else PAIRS[2:]
     )
-]
+] + [(name, *PAIRS[2]) for name in STRUCTURED_NAMES]  # built from matrices, no model
 
 
 @pytest.mark.parametrize("name,model_name,loss_name", ORACLE_CASES)
@@ -70,7 +70,9 @@ def test_dense_oracle(name, model_name, loss_name):
         ravel(linearised_product), expected, atol=_tol(dense) * 10
     )
     lin = eqx.filter_eval_shape(lx.linearise, op)
-    assert isinstance(lin, (LinearisedOperator, eqx_curv.DampedOperator))
+    assert name in STRUCTURED_NAMES or isinstance(
+        lin, (lx.FunctionLinearOperator, eqx_curv.DampedOperator)
+    )
     assert lx.is_positive_semidefinite(op) == psd == lx.is_positive_semidefinite(lin)
     assert lx.is_symmetric(op) and lx.is_symmetric(lin)
 
@@ -158,7 +160,7 @@ def _batched_products(op, u, v):
     return jax.vmap(op.mv)(stacked)
 
 
-@pytest.mark.parametrize("name", OPERATOR_NAMES)
+@pytest.mark.parametrize("name", OPERATOR_NAMES + STRUCTURED_NAMES)
 @hypothesis.given(seed=st.integers(0, 2**16), scale=st.sampled_from([-2.0, 0.5, 3.0]))
 def test_properties_under_jit_and_vmap(name, seed, scale):
     op, dense, psd = _get_cached(name)
@@ -217,7 +219,17 @@ SOLVERS = {
 @pytest.mark.parametrize(
     "solver,inner",
     [(s, "damped_ggn") for s in sorted(SOLVERS)]
-    + [("cg", "fisher_mc"), ("eqx_curv_cg", "fisher_mc"), ("lu", "fisher_mc")],
+    + [("cg", "fisher_mc"), ("eqx_curv_cg", "fisher_mc"), ("lu", "fisher_mc")]
+    # Structured operators: CG, Cholesky and LU where tagged PSD, LU and GMRES where
+    # not; the other solvers once (each iterative one compiles its own loop).
+    + [
+        (s, name)
+        for name in STRUCTURED_NAMES
+        for s in (
+            ("cg", "cholesky", "lu") if operator_entry(name)[2] else ("lu", "gmres")
+        )
+    ]
+    + [(s, "kronecker") for s in ("auto", "eqx_curv_cg", "gmres", "lsmr")],
 )
 def test_linear_solve_matches_dense(solver, inner):
     op, dense, _ = _get_cached(inner)
