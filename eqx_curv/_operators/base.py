@@ -33,10 +33,35 @@ def _describe(structure: PyTree[jax.ShapeDtypeStruct]) -> str:
     return f"{jax.tree.structure(structure)} with leaves [{shown}{more}]"
 
 
+def _first_non_array(tree: PyTree) -> tuple[str, object] | None:
+    """The path and value of the first leaf of `tree` that is not array-like."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not (eqx.is_array_like(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)):
+            return jax.tree_util.keystr(path), leaf
+    return None
+
+
+def _not_an_array_message(name: str, where: tuple[str, object]) -> str:
+    path, leaf = where
+    return (
+        f"`{name}` must be a PyTree of arrays, but its leaf {path or '(root)'} is a "
+        f"{type(leaf).__name__}, not an array. If you passed a whole Equinox model, "
+        "pass its parameters instead: `eqx.filter(model, eqx.is_inexact_array)` (and "
+        "close over the rest, `params, static = eqx.partition(model, "
+        "eqx.is_inexact_array)`)."
+    )
+
+
 def check_vector_structure(
     vector: PyTree, structure: PyTree[jax.ShapeDtypeStruct], name: str = "vector"
 ) -> None:
     """Raise a `ValueError` at trace time if `vector` does not match `structure`."""
+    non_array = _first_non_array(vector)
+    if non_array is not None:
+        raise ValueError(
+            _not_an_array_message(name, non_array)
+            + f" The operator expects {_describe(structure)}."
+        )
     got = structure_of(vector)
     if jax.tree.structure(got) != jax.tree.structure(structure):
         raise ValueError(
@@ -55,6 +80,9 @@ def check_vector_structure(
 
 def check_inexact_params(params: PyTree, name: str = "params") -> None:
     """Raise a `TypeError` if any leaf of `params` is not a floating-point array."""
+    non_array = _first_non_array(params)
+    if non_array is not None:
+        raise TypeError(_not_an_array_message(name, non_array))
     leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
     if not leaves_with_path:
         raise ValueError(
@@ -80,20 +108,19 @@ def concrete_value(x) -> float | None:
 
 
 def check_damping(damping) -> Array:
-    """A scalar damping as an array; a negative value known at trace time is an error.
+    """A finite, non-negative real scalar damping, as an array.
 
-    A traced damping cannot be checked here and is assumed non-negative.
+    A complex, string or boolean damping is a `TypeError`; a negative, infinite or NaN
+    one known at trace time a `ValueError`; a traced one is checked at run time
+    (`eqx.error_if`).
     """
-    if jnp.shape(damping) != ():
-        raise ValueError(
-            f"`damping` must be a scalar, but has shape {jnp.shape(damping)}."
-        )
-    value = concrete_value(damping)
-    if value is not None and not value >= 0:
-        raise ValueError(
-            f"`damping` must be non-negative (it is added to the diagonal), but is "
-            f"{value}. Use a small positive value such as 1e-3."
-        )
+    from .._linalg.power_iteration import check_scalar  # no cycle: _linalg is leaf
+
+    damping = check_scalar(
+        damping,
+        "damping",
+        fix=" (it is added to the diagonal); use a small positive value such as 1e-3",
+    )
     return jnp.asarray(damping)
 
 
@@ -154,7 +181,9 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     @abc.abstractmethod
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]: ...
 
-    def mv(self, vector: PyTree[Array]) -> PyTree[Array]:
+    def mv(self, vector: PyTree) -> PyTree[Array]:
+        # Annotated as any PyTree: the check names what is wrong and how to fix it
+        # (e.g. a whole model passed where its parameters belong).
         check_vector_structure(vector, self.in_structure())
         return self._mv(vector)
 
