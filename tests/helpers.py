@@ -44,16 +44,52 @@ def random_like(key, tree):
 # and columns in `ravel_pytree` order.
 
 
-def _flat_problem(model, inputs):
+def _flat_problem(model, inputs, state=None, axis_name=None):
+    """Flat parameters, and the batched outputs as a function of them.
+
+    With a `state`, the model is called as `model(x, state)[0]` (the state held fixed);
+    `axis_name` names the vmapped batch axis (`eqx.nn.BatchNorm` in training mode).
+    """
     import equinox as eqx
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
 
     def outputs(f):
-        return jax.vmap(eqx.combine(unravel(f), static))(inputs)
+        m = eqx.combine(unravel(f), static)
+        if state is None:
+            return jax.vmap(m, axis_name=axis_name)(inputs)
+        # The state goes through vmap (a fresh copy), so `state.set` in training mode
+        # cannot invalidate the caller's.
+        call = lambda x, s: m(x, s)[0]  # noqa: E731
+        return jax.vmap(call, in_axes=(0, None), axis_name=axis_name)(inputs, state)
 
     return flat, outputs
+
+
+def head_filter_spec(model, count=2):
+    """A bool filter spec selecting the last `count` floating-point arrays of `model`."""
+    leaves, treedef = jax.tree.flatten(model)
+    chosen = [i for i, leaf in enumerate(leaves) if eqx.is_inexact_array(leaf)][-count:]
+    return jax.tree.unflatten(treedef, [i in chosen for i in range(len(leaves))])
+
+
+def parameter_mask(model, filter_spec):
+    """Which entries of `ravel(eqx.filter(model, eqx.is_inexact_array))` are selected."""
+    leaves = jax.tree.leaves(model)
+    flags = jax.tree.leaves(filter_spec)
+    return np.concatenate(
+        [
+            np.full(leaf.size, flag, bool)
+            for leaf, flag in zip(leaves, flags, strict=True)
+            if eqx.is_inexact_array(leaf)
+        ]
+    )
+
+
+def sub_block(dense, mask):
+    """Rows and columns `mask` of a dense matrix: the curvature of the selected part."""
+    return dense[np.ix_(mask, mask)]
 
 
 @eqx.filter_jit
@@ -63,8 +99,8 @@ def dense_hessian(model, loss, inputs, targets, key=None):
 
 
 @eqx.filter_jit
-def dense_ggn(model, loss, inputs, targets, key=None):
-    flat, outputs = _flat_problem(model, inputs)
+def dense_ggn(model, loss, inputs, targets, key=None, *, state=None, axis_name=None):
+    flat, outputs = _flat_problem(model, inputs, state, axis_name)
     jac = jax.jacfwd(outputs)(flat)  # [batch, *out, params]
     n = inputs.shape[0]
     jac = jac.reshape(n, -1, flat.size)
@@ -142,6 +178,15 @@ def _operators():
             dense_empirical_fisher,
             True,
         ),
+        "ggn_head": (
+            lambda m, loss, x, y, k: eqx_curv.GGNOperator(
+                m, loss, x, filter_spec=head_filter_spec(m)
+            ),
+            lambda m, loss, x, y, k: sub_block(
+                dense_ggn(m, loss, x, y), parameter_mask(m, head_filter_spec(m))
+            ),
+            True,
+        ),
         "damped_ggn": (
             lambda m, loss, x, y, k: eqx_curv.DampedOperator(
                 eqx_curv.GGNOperator(m, loss, x, y), DAMPING
@@ -184,6 +229,7 @@ OPERATOR_NAMES = [
     "fisher_exact",
     "fisher_mc",
     "empirical_fisher",
+    "ggn_head",
     "damped_ggn",
     "damped_hessian",
 ]

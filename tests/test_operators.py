@@ -9,14 +9,19 @@ import lineax as lx
 import numpy as np
 import pytest
 from helpers import (
+    dense_empirical_fisher,
     dense_ggn,
+    dense_hessian,
+    head_filter_spec,
     operator_entry,
     OPERATOR_NAMES,
+    parameter_mask,
     random_like,
     ravel,
     STRUCTURED_NAMES,
+    sub_block,
 )
-from models import make_problem, MODELS
+from models import BatchNormNet, make_batchnorm, make_problem, MODELS
 
 import eqx_curv
 
@@ -124,7 +129,7 @@ def test_dropout_key_is_used_per_example():
     jac = jax.jacfwd(outputs)(flat)
     hess = jax.hessian(lambda o: loss(o, y))(outputs(flat))
     dense = jnp.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)
-    keyed = eqx_curv.GGNOperator(model, loss, x, y, key=key).as_matrix()
+    keyed = eqx_curv.GGNOperator(model, loss, x, y, model_key=key).as_matrix()
     np.testing.assert_allclose(keyed, dense, atol=_tol(dense))
     unkeyed = eqx_curv.GGNOperator(model, loss, x, y).as_matrix()
     assert not np.allclose(unkeyed, dense)
@@ -390,3 +395,195 @@ def test_hessian_closure_gradients_flow():
 
     # H = diag(12 data), solution 1 / (12 data); d/d data = -1 / (12 data^2)
     np.testing.assert_allclose(jax.grad(solve_norm)(x0), -1 / (12 * x0**2))
+
+
+# --- keywords, targets, empty batches, misuse ----------------------------------------
+
+
+class _WeightedSquaredError(eqx_curv.MeanSquaredError):
+    """0.5 * sum_c y_c o_c^2: an output Hessian, diag(y), that depends on the targets."""
+
+    hessian_depends_on_targets = True
+
+    def __call__(self, outputs, targets):
+        return 0.5 * jnp.mean(jnp.sum(targets * outputs**2, axis=-1))
+
+    def hvp(self, outputs, tangents, *, targets=None):
+        if targets is None:
+            raise ValueError("`targets` are needed for this loss's Hessian.")
+        return targets * tangents / outputs.shape[0]
+
+
+def test_targets_only_where_the_loss_hessian_needs_them():
+    model, loss, x, y = make_problem("mlp", "mse", jax.random.key(30))
+    weighted = _WeightedSquaredError()
+    with pytest.raises(ValueError, match="`targets` are needed"):
+        eqx_curv.GGNOperator(model, weighted, x)
+    with pytest.raises(ValueError, match="exact Fisher"):
+        eqx_curv.FisherOperator(model, weighted, x)
+    # With targets, the GGN is J^T diag(y) J, checked against the dense oracle.
+    np.testing.assert_allclose(
+        eqx_curv.GGNOperator(model, weighted, x, y).as_matrix(),
+        dense_ggn(model, weighted, x, y),
+        atol=1e-12,
+    )
+
+
+def test_model_key_is_the_only_dropout_keyword():
+    model, loss, x, y = make_problem("dropout", "softmax", jax.random.key(31))
+    key = jax.random.key(32)
+    with pytest.raises(TypeError, match="key"):
+        eqx_curv.GGNOperator(model, loss, x, y, key=key)  # pyright: ignore
+    with pytest.raises(TypeError, match="key"):
+        eqx_curv.EmpiricalFisherOperator(model, loss, x, y, key=key)  # pyright: ignore
+    # The empirical Fisher applies the dropout key per example, as the GGN does.
+    keys = jax.random.split(key, x.shape[0])
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def gradient(xi, yi, ki):
+        def one(f):
+            out = eqx.combine(unravel(f), static)(xi, key=ki)
+            return loss(out[None], yi[None])
+
+        return jax.grad(one)(flat)
+
+    g = jax.vmap(gradient)(x, y, keys)
+    op = eqx_curv.EmpiricalFisherOperator(model, loss, x, y, model_key=key)
+    np.testing.assert_allclose(op.as_matrix(), g.T @ g / x.shape[0], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name", ["ggn", "fisher_exact", "fisher_mc", "empirical_fisher"]
+)
+def test_empty_batch_is_an_error(name):
+    build, _, _ = operator_entry(name)
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(33))
+    with pytest.raises(ValueError, match="empty batch"):
+        build(model, loss, x[:0], y[:0], jax.random.key(34))
+
+
+class _TupleModel(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        out = self.linear(x)
+        return out, jnp.sum(out)
+
+
+def test_misuse_is_a_sentence():
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(35))
+    # A model returning a tuple.
+    tuple_model = _TupleModel(eqx.nn.Linear(4, 3, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="must return one array.*tuple"):
+        eqx_curv.GGNOperator(tuple_model, loss, x, y)
+    # One example where a batch belongs.
+    with pytest.raises(ValueError, match="leading batch axis.*inputs\\[None\\]"):
+        eqx_curv.GGNOperator(model, loss, x[0])
+    # A model that fails on its inputs for another reason still says what to check.
+    with pytest.raises(ValueError, match="ONE example"):
+        eqx_curv.FisherOperator(model, loss, x[:, :3])
+    # A whole model (with an activation function among its leaves) as the parameters
+    # of a Hessian, and as a vector.
+    with pytest.raises(TypeError, match="eqx.filter\\(model, eqx.is_inexact_array\\)"):
+        eqx_curv.HessianOperator(lambda m: jnp.sum(m.layers[0].weight ** 2), model)
+    op = eqx_curv.GGNOperator(model, loss, x, y)
+    with pytest.raises(ValueError, match="activation.*eqx.filter\\(model"):
+        op.mv(model)
+    # A filter spec that does not fit the model, or selects nothing.
+    with pytest.raises(ValueError, match="filter_spec"):
+        eqx_curv.GGNOperator(model, loss, x, filter_spec=[True, False])
+    with pytest.raises(ValueError, match="filter_spec"):
+        eqx_curv.GGNOperator(model, loss, x, filter_spec=False)
+
+
+# --- part of the parameters: frozen layers, a fine-tuned head --------------------------
+
+
+def test_curvature_over_part_of_the_parameters():
+    model, loss, x, y = make_problem("layernorm", "softmax", jax.random.key(36))
+    # A callable spec: the weight matrices only.
+    spec = jax.tree.map(
+        lambda leaf: eqx.is_inexact_array(leaf) and leaf.ndim == 2, model
+    )
+    mask = parameter_mask(model, spec)
+    op = eqx_curv.EmpiricalFisherOperator(
+        model,
+        loss,
+        x,
+        y,
+        filter_spec=lambda leaf: eqx.is_array(leaf) and leaf.ndim == 2,
+    )
+    assert op.in_structure() == jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), eqx.filter(model, spec)
+    )
+    np.testing.assert_allclose(
+        op.as_matrix(),
+        sub_block(dense_empirical_fisher(model, loss, x, y), mask),
+        atol=1e-12,
+    )
+    # The Hessian takes any parameters: the selected part, the rest closed over.
+    params, static = eqx.partition(model, head_filter_spec(model))
+
+    def fn(p):
+        return loss(jax.vmap(eqx.combine(p, static))(x), y)
+
+    hessian = eqx_curv.HessianOperator(fn, params)
+    dense = sub_block(
+        dense_hessian(model, loss, x, y), parameter_mask(model, head_filter_spec(model))
+    )
+    np.testing.assert_allclose(hessian.as_matrix(), dense, atol=_tol(dense))
+    # Solvers see only the selected unknowns.
+    b = random_like(jax.random.key(37), params)
+    damped = eqx_curv.DampedOperator(hessian, 10.0)
+    sol = lx.linear_solve(damped, b, lx.GMRES(rtol=1e-12, atol=1e-12))
+    np.testing.assert_allclose(
+        ravel(sol.value),
+        jnp.linalg.solve(dense + 10 * jnp.eye(dense.shape[0]), ravel(b)),
+        atol=1e-10,
+    )
+
+
+# --- models with state (eqx.nn.BatchNorm) --------------------------------------------
+
+
+def test_stateful_model_at_fixed_state():
+    model, state = make_batchnorm(jax.random.key(38))
+    _, loss, x, y = make_problem("mlp", "softmax", jax.random.key(39))
+    running = jax.tree.map(jnp.copy, jax.tree.leaves(state))
+    op = eqx_curv.GGNOperator(model, loss, x, y, state=state)
+    size = sum(s.size for s in jax.tree.leaves(op.in_structure()))
+    assert size == 53  # 4*5+5, the BatchNorm's weight and bias, 5*3+3
+    dense = dense_ggn(model, loss, x, y, state=state)
+    matrix = op.as_matrix()
+    np.testing.assert_allclose(matrix, dense, atol=_tol(dense))
+    fisher = eqx_curv.FisherOperator(model, loss, x, state=state).as_matrix()
+    np.testing.assert_allclose(fisher, dense, atol=_tol(dense))
+    # The state is held fixed: never differentiated, never updated.
+    for before, after in zip(running, jax.tree.leaves(state)):
+        np.testing.assert_array_equal(before, after)
+
+    # What a user writes with the state closed over, or with a model built without
+    # `make_with_state` (initial statistics held in its `StateIndex`es): the running
+    # statistics are still no parameters. (Without this, 63 unknowns.)
+    class Closed(eqx.Module):
+        model: BatchNormNet
+        state: eqx.nn.State
+
+        def __call__(self, x):
+            return self.model(x, self.state)[0]
+
+    closed = eqx_curv.GGNOperator(Closed(model, state), loss, x, y)
+    np.testing.assert_allclose(closed.as_matrix(), dense, atol=_tol(dense))
+    unsplit = eqx.nn.inference_mode(BatchNormNet(jax.random.key(0), jnp.float64))
+    op = eqx_curv.GGNOperator(unsplit, loss, x, y, state=eqx.nn.State(unsplit))
+    assert sum(s.size for s in jax.tree.leaves(op.in_structure())) == 53
+
+    # In training mode, the batch statistics of `inputs` (the state still fixed).
+    training = eqx.nn.inference_mode(model, False)
+    op = eqx_curv.GGNOperator(training, loss, x, y, state=state)
+    dense = dense_ggn(training, loss, x, y, state=state, axis_name="batch")
+    np.testing.assert_allclose(op.as_matrix(), dense, atol=_tol(dense))
+
+    with pytest.raises(ValueError, match="state="):
+        eqx_curv.GGNOperator(model, loss, x, y)
