@@ -202,9 +202,10 @@ def power_iteration(
     matvec, n, dtype = _flat_matvec(matrix)
     if rtol is None:
         rtol = float(jnp.finfo(dtype).eps) ** 0.5
-    rtol = check_scalar(rtol, "rtol", fix="; use e.g. 1e-4")
-    if not isinstance(rtol, (int, float)):
-        rtol = rtol.astype(dtype)
+    checked = check_scalar(rtol, "rtol", fix="; use e.g. 1e-4")
+    tol: float | Array = (
+        checked if isinstance(checked, (int, float)) else checked.astype(dtype)
+    )
     v0 = jax.random.normal(key, (n,), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
 
@@ -212,7 +213,7 @@ def power_iteration(
         w = matvec(v)
         lam = jnp.vdot(v, w, precision=_HIGHEST)
         residual = jnp.linalg.norm(w - lam * v)
-        return w, lam, residual, residual <= rtol * jnp.abs(lam)
+        return w, lam, residual, residual <= tol * jnp.abs(lam)
 
     def cond(carry):
         step, *_, converged = carry
