@@ -1,4 +1,4 @@
-r"""A line search satisfying the strong Wolfe conditions.
+r"""Line searches for the minimisers: strong Wolfe, and optimistix's searches adapted.
 
 Along a descent direction $p$ from $x$ (so $\phi'(0) = \nabla f(x)^\top p < 0$), it finds
 a step $\alpha > 0$ with
@@ -18,15 +18,38 @@ not what they compute, so the search is written for few kernels: the ends of the
 bracket are each one array `[alpha, f, slope]`, and the result is read from the accepted
 trial after the conditional rather than inside it.
 
+Where $f$ cannot tell trials apart (near a minimum whose value is large compared with
+what the step changes, $f$ no longer changes in its last bits), the sufficient-decrease
+test is replaced by Hager and Zhang's approximate Wolfe condition, which judges by the
+derivative: $\phi(\alpha) \le \phi(0) + \epsilon_k$ with $\epsilon_k$ the rounding
+error of $f$, and $\phi'(\alpha) \le (1 - 2c_1)|\phi'(0)|$, which for a quadratic
+$\phi$ is the sufficient-decrease condition itself (W. W. Hager and H. Zhang, "A new
+conjugate gradient method with guaranteed descent and an efficient line search", SIAM
+J. Optim. 16(1), 2005, Section 4; "Algorithm 851: CG_DESCENT", ACM TOMS 32(1), 2006).
+
 A trial at which $f$ or $\nabla f$ is not finite is treated as a step that went too far:
 it becomes the upper end of the bracket and the next trial bisects towards the last good
 step. The search therefore never returns a non-finite point.
+
+Every search is an [`eqx_curv.AbstractLineSearch`][]: a callable that runs a whole search
+along one direction and returns a [`eqx_curv.LineSearchResult`][]. optimistix's searches
+are the other way round (the solver evaluates, the search is a state machine that sees
+one trial at a time); [`eqx_curv.OptimistixSearch`][] drives one of them along a
+direction, so that any `optimistix.AbstractSearch` that needs only values and gradients
+(`optimistix.BacktrackingArmijo`, `optimistix.LearningRate`) serves the minimisers here.
 """
+
+import abc
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from .checks import check_hyperparameter, checked_hyperparameter, shown
 
 
 class _Trial(eqx.Module):
@@ -60,15 +83,28 @@ class _LoopState(eqx.Module):
     alpha_next: Float[Array, ""]
     num_evals: Int[Array, ""]
     satisfied: Bool[Array, ""]
+    flat: Bool[Array, ""]  # every trial so far finite and within rounding of f(x)
     done: Bool[Array, ""]
 
 
 class LineSearchResult(eqx.Module):
-    """What [`eqx_curv.StrongWolfe`][] found.
+    """What a line search found along a direction $p$ from $x$.
 
-    `decreased` is true when `alpha > 0` and `f < f(x)`; `satisfied` when, in addition,
-    the curvature condition holds. When `decreased` is false the point is the incoming
-    one (`alpha = 0`).
+    **Attributes:**
+
+    - `alpha`: the accepted step ($x + \alpha p$ is the new point), or 0 where no step
+        was accepted; then `f`, `grad` and `aux` are the incoming ones.
+    - `f`, `grad`, `aux`: value, gradient and aux at the returned point.
+    - `num_evals`: value-and-gradient evaluations the search made.
+    - `accepted`: a step was taken (`alpha > 0`).
+    - `satisfied`: the search's conditions held at that step (for
+        [`eqx_curv.StrongWolfe`][], the strong Wolfe conditions, or their approximate
+        form where $f$ cannot tell); a search that ran out of evaluations may accept a
+        step that only decreased $f$.
+    - `rounding_floor`: no step was accepted, and every trial's value was within the
+        rounding error of $f(x)$: $f$ cannot be decreased along $p$ in its precision.
+    - `result`: an `optimistix.RESULTS` for a failure the search itself reports
+        (`successful` otherwise; not accepting a step is not such a failure).
     """
 
     alpha: Float[Array, ""]
@@ -76,8 +112,45 @@ class LineSearchResult(eqx.Module):
     grad: Float[Array, " n"]
     aux: PyTree
     num_evals: Int[Array, ""]
-    decreased: Bool[Array, ""]
+    accepted: Bool[Array, ""]
     satisfied: Bool[Array, ""]
+    rounding_floor: Bool[Array, ""]
+    result: optx.RESULTS
+
+
+class AbstractLineSearch(eqx.Module):
+    """A line search: the whole search along one direction, in one call.
+
+    Subclasses implement `__call__`; [`eqx_curv.StrongWolfe`][] and
+    [`eqx_curv.OptimistixSearch`][] are the two here.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        value_and_grad: Callable,
+        x: Float[Array, " n"],
+        f0: Float[Array, ""],
+        grad0: Float[Array, " n"],
+        aux0: PyTree,
+        direction: Float[Array, " n"],
+        alpha0: float | Float[Array, ""],
+        slope0: Float[Array, ""],
+    ) -> LineSearchResult:
+        """Search along `direction` from `x`.
+
+        **Arguments:**
+
+        - `value_and_grad`: `x -> (f, grad, aux)` on flat vectors.
+        - `x`, `f0`, `grad0`, `aux0`: the current point, its value, gradient and aux.
+        - `direction`: a descent direction $p$ ($\nabla f^\top p < 0$).
+        - `alpha0`: the first trial step.
+        - `slope0`: $\nabla f(x)^\top p$.
+
+        **Returns:**
+
+        A [`eqx_curv.LineSearchResult`][].
+        """
 
 
 def _cubic_minimiser(a: _Trial, b: _Trial) -> Float[Array, ""]:
@@ -91,17 +164,23 @@ def _cubic_minimiser(a: _Trial, b: _Trial) -> Float[Array, ""]:
     return jnp.where(disc >= 0, alpha, jnp.nan)
 
 
-class StrongWolfe(eqx.Module):
+class StrongWolfe(AbstractLineSearch):
     r"""Line search for a step satisfying the strong Wolfe conditions.
 
     Bracketing and zoom with safeguarded cubic interpolation (Nocedal and Wright,
-    *Numerical Optimization*, 2nd ed., 2006, Algorithms 3.5 and 3.6). Non-finite trials
-    shrink the step. If `max_evals` evaluations pass without meeting the curvature
-    condition, the best step found with sufficient decrease is returned (flagged
-    `satisfied=False`); if there is none, the step is zero (flagged `decreased=False`).
-    Along a direction that is not a descent direction the step is zero after the one
-    evaluation of the first trial (evaluated before the direction is judged, so that
-    the common case runs no extra kernel).
+    *Numerical Optimization*, 2nd ed., 2006, Algorithms 3.5 and 3.6). A trial is
+    accepted when $|\phi'(\alpha)| \le c_2 |\phi'(0)|$ and either
+    $\phi(\alpha) \le \phi(0) + c_1 \alpha \phi'(0)$ (sufficient decrease) or, where $f$
+    cannot tell, $\phi(\alpha) \le \phi(0) + \epsilon |\phi(0)|$ and
+    $\phi'(\alpha) \le (1 - 2 c_1) |\phi'(0)|$ (Hager and Zhang's approximate Wolfe
+    condition; W. W. Hager and H. Zhang, SIAM J. Optim. 16(1), 2005, Section 4).
+    Non-finite trials shrink the step. If `max_evals` evaluations pass without meeting
+    the curvature condition, the best step found with sufficient decrease is returned
+    (flagged `satisfied=False`); if there is none, the step is zero (flagged
+    `accepted=False`, and `rounding_floor=True` where every trial's value was within
+    $\epsilon |\phi(0)|$ of $\phi(0)$). Along a direction that is not a descent
+    direction the step is zero after the one evaluation of the first trial (evaluated
+    before the direction is judged, so that the common case runs no extra kernel).
 
     **Arguments:**
 
@@ -110,54 +189,67 @@ class StrongWolfe(eqx.Module):
         directions, 0.1 a nonlinear conjugate-gradient one.
     - `max_evals`: most function-and-gradient evaluations per search.
     - `max_step`: largest step the bracketing phase may try.
+    - `rounding`: $\epsilon$, the relative rounding error assumed in $f$, as a multiple
+        of the machine epsilon of $f$'s dtype (default 100: $2 \cdot 10^{-14}$ in
+        float64). Within $\epsilon |f(x)|$ of $f(x)$ the search judges by the
+        derivative, not by $f$.
     """
 
     c1: float = 1e-4
     c2: float = 0.9
-    max_evals: int = 30
+    max_evals: int = eqx.field(static=True, default=30)
     max_step: float = 1e10
+    rounding: float = 100.0
 
     def __check_init__(self):
         c1, c2 = self.c1, self.c2
-        if isinstance(c1, float | int) and isinstance(c2, float | int):
-            if not 0 < c1 < c2 < 1:
-                raise ValueError(
-                    f"`StrongWolfe` needs 0 < c1 < c2 < 1, got c1={c1}, c2={c2}. The "
-                    "usual choice is c1=1e-4 with c2=0.9 (Newton, quasi-Newton)."
-                )
+        check_hyperparameter(
+            (0 < c1) & (c1 < c2) & (c2 < 1),
+            f"`StrongWolfe` needs 0 < c1 < c2 < 1, got c1={shown(c1)}, "
+            f"c2={shown(c2)}. The usual choice is c1=1e-4 with c2=0.9 (Newton, "
+            "quasi-Newton).",
+        )
+        check_hyperparameter(
+            isinstance(self.max_evals, int) and self.max_evals >= 1,
+            f"`StrongWolfe` needs `max_evals` to be a positive int, got "
+            f"{self.max_evals!r}.",
+        )
+        check_hyperparameter(
+            self.max_step > 0,
+            f"`StrongWolfe` needs a positive `max_step`, got {shown(self.max_step)}.",
+        )
+        check_hyperparameter(
+            self.rounding >= 0,
+            "`StrongWolfe` needs a non-negative `rounding` (a multiple of the machine "
+            f"epsilon), got {shown(self.rounding)}.",
+        )
 
     def __call__(
         self,
-        value_and_grad,
+        value_and_grad: Callable,
         x: Float[Array, " n"],
         f0: Float[Array, ""],
         grad0: Float[Array, " n"],
         aux0: PyTree,
         direction: Float[Array, " n"],
         alpha0: float | Float[Array, ""],
-        slope0: Float[Array, ""] | None = None,
+        slope0: Float[Array, ""],
     ) -> LineSearchResult:
-        """Search along `direction` from `x`.
-
-        **Arguments:**
-
-        - `value_and_grad`: `x -> (f, grad, aux)` on flat vectors.
-        - `x`, `f0`, `grad0`, `aux0`: the current point, its value, gradient and aux.
-        - `direction`: a descent direction ($\\nabla f^\\top p < 0$).
-        - `alpha0`: the first trial step.
-        - `slope0`: $\\nabla f(x)^\\top p$ if the caller has it already (else computed).
-
-        **Returns:**
-
-        A `LineSearchResult`.
-        """
         dtype = f0.dtype
-        if slope0 is None:
-            slope0 = jnp.dot(grad0, direction)
         c1 = jnp.asarray(self.c1, dtype)
         c2 = jnp.asarray(self.c2, dtype)
+        # Traced constants are checked where they are used (Python numbers were
+        # checked at construction).
+        c1 = checked_hyperparameter(
+            c1,
+            (0 < self.c1) & (self.c1 < self.c2) & (self.c2 < 1),
+            "`StrongWolfe` needs 0 < c1 < c2 < 1.",
+        )
         max_step = jnp.asarray(self.max_step, dtype)
         eps = jnp.finfo(dtype).eps
+        # Hager and Zhang's epsilon_k: how far above f(x) a value may lie and still
+        # count as "f cannot tell".
+        tolerance = jnp.asarray(self.rounding, dtype) * eps * jnp.abs(f0)
         zero = jnp.zeros((), dtype)
         alpha0 = jnp.asarray(alpha0, dtype)
 
@@ -181,6 +273,7 @@ class StrongWolfe(eqx.Module):
                 alpha_next=first_trial(),
                 num_evals=jnp.array(0),
                 satisfied=jnp.array(False),
+                flat=jnp.array(True),
                 done=jnp.array(False),
             )
 
@@ -200,18 +293,17 @@ class StrongWolfe(eqx.Module):
             # propagate through the dot product, inf * 0 included), so checking the
             # slope checks g.
             finite = jnp.isfinite(f) & jnp.isfinite(slope)
+            decrease = (f <= f0 + c1 * alpha * slope0) & (f < f_lo)
+            # Hager and Zhang's approximate form, for where f cannot tell: no higher
+            # than rounding above the best value, and the slope no more than
+            # (1 - 2 c1) |phi'(0)| (for a quadratic, sufficient decrease itself).
+            approximate = (f <= f_lo + tolerance) & (slope <= (2 * c1 - 1) * slope0)
             # Too far: becomes the upper end of the bracket. Along a direction that
             # does not descend every step is, and so is a step that is not positive
             # (a first trial of 0 or NaN), and so is every step if f0 is NaN: the
             # search then ends at alpha = 0, and a returned step is positive exactly
-            # when it decreased f.
-            too_far = (
-                ~descends()
-                | ~(alpha > 0)
-                | ~finite
-                | (f > f0 + c1 * alpha * slope0)
-                | ~(f < f_lo)
-            )
+            # when it was accepted.
+            too_far = ~descends() | ~(alpha > 0) | ~finite | ~(decrease | approximate)
             return finite, too_far, jnp.abs(slope) <= -c2 * slope0
 
         def update(s, alpha, f, g, aux, slope):
@@ -258,8 +350,9 @@ class StrongWolfe(eqx.Module):
                 | (num_evals >= self.max_evals)
                 | ~descends()
             )
+            flat = s.flat & finite & (jnp.abs(f - f0) <= tolerance)
             return _LoopState(
-                lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, done
+                lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, flat, done
             )
 
         # Newton and quasi-Newton directions usually pass at the first trial. That
@@ -273,20 +366,159 @@ class StrongWolfe(eqx.Module):
         # read from it afterwards: slicing inside a branch costs a kernel per field.
         def at_once():
             trial = _trial(first_trial(), f, slope)
-            return trial, g, aux, jnp.array(1), jnp.array(True)
+            return trial, g, aux, jnp.array(1), jnp.array(True), jnp.array(False)
 
         def search_on():
             first = update(start(), first_trial(), f, g, aux, slope)
             out = jax.lax.while_loop(cond, body, first)
-            return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied
+            floor = out.flat & descends()
+            return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied, floor
 
-        lo, grad, aux, num_evals, satisfied = jax.lax.cond(passed, at_once, search_on)
+        lo, grad, aux, num_evals, satisfied, flat = jax.lax.cond(
+            passed, at_once, search_on
+        )
+        accepted = lo.alpha > 0
         return LineSearchResult(
             alpha=lo.alpha,
             f=lo.f,
             grad=grad,
             aux=aux,
             num_evals=num_evals,
-            decreased=lo.alpha > 0,
+            accepted=accepted,
             satisfied=satisfied,
+            rounding_floor=~accepted & flat,
+            result=optx.RESULTS.successful,
+        )
+
+
+class _AdapterState(eqx.Module):
+    step_size: Float[Array, ""]
+    search_state: Any
+    trial: Float[Array, ""]
+    f: Float[Array, ""]
+    grad: Float[Array, " n"]
+    aux: PyTree
+    num_evals: Int[Array, ""]
+    accepted: Bool[Array, ""]
+    result: optx.RESULTS
+
+
+class OptimistixSearch(AbstractLineSearch):
+    r"""An optimistix search (`optimistix.AbstractSearch`) as a line search here.
+
+    optimistix's searches see one trial at a time: the solver evaluates the point the
+    search asked for and hands back its value. This adapter plays the solver's part
+    along the minimiser's direction $p$: with the search's step size $t$ the trial is
+    $x + t\,\alpha_0 p$ ($\alpha_0$ the minimiser's first trial, so that $t = 1$ is the
+    step the minimiser would try first), evaluated with its gradient, until the search
+    accepts or `max_evals` trials have been made. The search is given
+    `optimistix.FunctionInfo.EvalGrad` at $x$ and `optimistix.FunctionInfo.Eval` at the
+    trial, as optimistix's own minimisers give it, so searches that need only values
+    and gradients work: `optimistix.BacktrackingArmijo`, `optimistix.LearningRate`.
+
+    A step is accepted when the search accepts it and the value and gradient there are
+    finite. Such a step need not decrease $f$ (`optimistix.LearningRate` accepts every
+    step). A result other than `successful` from the search is passed on.
+
+    **Arguments:**
+
+    - `search`: the optimistix search, e.g. `optimistix.BacktrackingArmijo()`.
+    - `max_evals`: most trials per search (default 30).
+
+    Example: `eqx_curv.BFGS(rtol=0.0, atol=1e-8,
+    search=eqx_curv.OptimistixSearch(optx.BacktrackingArmijo()))`.
+    """
+
+    search: optx.AbstractSearch
+    max_evals: int = eqx.field(static=True, default=30)
+
+    def __check_init__(self):
+        check_hyperparameter(
+            isinstance(self.search, optx.AbstractSearch),
+            "`OptimistixSearch` needs an `optimistix.AbstractSearch` as `search`, got "
+            f"{type(self.search).__name__}. For eqx_curv's own line search pass "
+            "`eqx_curv.StrongWolfe()` to the minimiser directly.",
+        )
+        check_hyperparameter(
+            isinstance(self.max_evals, int) and self.max_evals >= 1,
+            f"`OptimistixSearch` needs `max_evals` to be a positive int, got "
+            f"{self.max_evals!r}.",
+        )
+
+    def __call__(
+        self,
+        value_and_grad: Callable,
+        x: Float[Array, " n"],
+        f0: Float[Array, ""],
+        grad0: Float[Array, " n"],
+        aux0: PyTree,
+        direction: Float[Array, " n"],
+        alpha0: float | Float[Array, ""],
+        slope0: Float[Array, ""],
+    ) -> LineSearchResult:
+        dtype = f0.dtype
+        alpha0 = jnp.asarray(alpha0, dtype)
+        f_info = optx.FunctionInfo.EvalGrad(f0, grad0)
+        search_state = self.search.init(x, jax.eval_shape(lambda: f_info))
+        # optimistix's first call only reports the first step size (and accepts).
+        step_size, _, _, search_state = self.search.step(
+            jnp.array(True), x, x, f_info, optx.FunctionInfo.Eval(f0), search_state
+        )
+
+        def body(s: _AdapterState) -> _AdapterState:
+            trial = jnp.asarray(s.step_size, dtype) * alpha0
+            x_eval = x + trial * direction
+            f, g, aux = value_and_grad(x_eval)
+            step_size, accept, result, search_state = self.search.step(
+                jnp.array(False),
+                x,
+                x_eval,
+                f_info,
+                optx.FunctionInfo.Eval(f),
+                s.search_state,
+            )
+            finite = jnp.isfinite(f) & jnp.all(jnp.isfinite(g))
+            accepted = accept & finite & (trial > 0)
+            return _AdapterState(
+                step_size=jnp.asarray(step_size, dtype),
+                search_state=search_state,
+                trial=trial,
+                f=f,
+                grad=g,
+                aux=aux,
+                num_evals=s.num_evals + 1,
+                accepted=accepted,
+                result=result,
+            )
+
+        def cond(s: _AdapterState) -> Bool[Array, ""]:
+            return (
+                ~s.accepted
+                & (s.result == optx.RESULTS.successful)
+                & (s.num_evals < self.max_evals)
+            )
+
+        start = _AdapterState(
+            step_size=jnp.asarray(step_size, dtype),
+            search_state=search_state,
+            trial=jnp.zeros((), dtype),
+            f=f0,
+            grad=grad0,
+            aux=aux0,
+            num_evals=jnp.array(0),
+            accepted=jnp.array(False),
+            result=optx.RESULTS.successful,
+        )
+        out = jax.lax.while_loop(cond, body, start)
+        accepted = out.accepted
+        return LineSearchResult(
+            alpha=jnp.where(accepted, out.trial, 0),
+            f=jnp.where(accepted, out.f, f0),
+            grad=jnp.where(accepted, out.grad, grad0),
+            aux=jax.tree.map(lambda a, b: jnp.where(accepted, a, b), out.aux, aux0),
+            num_evals=out.num_evals,
+            accepted=accepted,
+            satisfied=accepted,
+            rounding_floor=jnp.array(False),
+            result=out.result,
         )

@@ -13,34 +13,58 @@ Internally the point is the flat vector of `jax.flatten_util.ravel_pytree`, so a
 $\lVert\nabla f\rVert \le \mathrm{atol} + \mathrm{rtol}\,\lVert\nabla f(y_0)\rVert$ in
 the solver's `norm`.
 
-Failure is reported through `sol.result`, never through the state: a fixed step that
-lands on a non-finite value or gradient stops with `RESULTS.nonfinite`, and a line search
-that finds no decrease stops with `RESULTS.nonlinear_divergence`; in both cases the point,
-value and gradient stay at the last good iterate.
+Failure is reported through `sol.result`, never through the state; in every case the
+point, value and gradient stay at the last good iterate:
+
+- a fixed step that lands on a non-finite value or gradient: `RESULTS.nonfinite`;
+- a direction whose linear solve failed: that solve's result (e.g. `RESULTS.singular`);
+- a line search that accepts no step: `RESULTS.nonlinear_divergence`, except at the
+  rounding floor (below).
+
+The rounding floor: where every trial of the search had a value within the search's
+rounding tolerance of $f(x_k)$ (and the derivative along the direction could not decide
+either), $f$ cannot be decreased in its floating-point precision along the direction:
+the point is a minimiser to the precision of $f$. The solve then ends with
+`RESULTS.successful`, and `sol.stats["rounding_floor"]` is `True` to say that the
+gradient test was not met (optimistix's `RESULTS` has no member for this, and a code of
+our own could not pass through `optimistix.minimise`).
 """
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import optimistix as optx
-from equinox import AbstractVar
-from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+from equinox import AbstractClassVar, AbstractVar
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
+
+from .checks import check_hyperparameter, checked_hyperparameter, shown
+from .line_search import AbstractLineSearch
 
 
-class MinimiserState(eqx.Module):
-    """State of a deterministic eqx_curv minimiser (at the accepted point)."""
+_Aux = TypeVar("_Aux")
+_Memory = TypeVar("_Memory")
+
+
+class MinimiserState(eqx.Module, Generic[_Aux, _Memory]):
+    """State of a deterministic eqx_curv minimiser, at the accepted point.
+
+    `memory` is the solver's own part (an inverse Hessian, L-BFGS pairs, a trust
+    radius); `rounding_floor` says that the solve ended because no step could be taken
+    at the rounding floor of $f$.
+    """
 
     f: Float[Array, ""]
     grad: Float[Array, " n"]
-    aux: Any
-    memory: Any
+    aux: _Aux
+    memory: _Memory
     grad_norm0: Float[Array, ""]
     num_fn_evals: Int[Array, ""]
+    rounding_floor: Bool[Array, ""]
     terminate: Bool[Array, ""]
     result: optx.RESULTS
 
@@ -82,41 +106,93 @@ def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
-def check_tolerances(rtol, atol, name: str) -> None:
-    for label, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, float | int) and not value >= 0:
-            raise ValueError(
-                f"`{name}` needs a non-negative `{label}`, got {value}. Pass e.g. "
-                f"`{name}(rtol=1e-8, atol=1e-8)`."
-            )
+class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
+    r"""A direction per iteration, then a line search or a fixed step along it.
 
+    The algorithm: at $x_k$ with gradient $g_k$, `direction` gives $p_k$ and a first
+    trial $\alpha_0$; with `step_size=None`, `search` gives $\alpha_k$ along $p_k$ from
+    $\alpha_0$; with a number, $\alpha_k$ is that number, exactly as written. Then $x_{k+1} = x_k + \alpha_k p_k$ and
+    `update_memory` sees the accepted step $s = \alpha_k p_k$ and
+    $y = g_{k+1} - g_k$.
 
-def check_step_size(step_size, name: str) -> None:
-    if isinstance(step_size, float | int) and not step_size > 0:
-        raise ValueError(
-            f"`{name}` needs a positive `step_size` (or `None` for the line search / "
-            f"trust region), got {step_size}."
-        )
+    A direction that is not a descent direction (a Newton step on an indefinite
+    Hessian) or not finite (curvature that is not finite where the gradient is) is
+    replaced by $-g_k$ with first trial $\min(1, 1/\lVert g_k\rVert)$. Solvers whose
+    directions are built from the gradient alone and descend wherever they are finite
+    (BFGS, L-BFGS, gradient descent: `descends = True`) skip that check, which costs
+    several kernels per iteration; should their direction still fail to descend, the
+    search accepts no step and the solve stops with `RESULTS.nonlinear_divergence`, as
+    scipy's and optimistix's BFGS do.
 
-
-class AbstractClassicalMinimiser(optx.AbstractMinimiser):
-    """Shared `init`, `terminate` and `postprocess`; subclasses implement `step`.
-
-    Subclasses supply `init_memory(value_fn, x, f, grad)`, the solver-specific part of the
-    state (anything that is a PyTree of arrays).
+    Subclasses provide the fields `rtol`, `atol`, `norm`, `step_size` and `search`, the
+    class variable `descends`, and the methods `init_memory`, `direction` and
+    `update_memory`. Hyperparameters are validated here once for every solver: Python
+    numbers at construction (a `ValueError`), traced values at run time
+    (`eqx.error_if`).
     """
 
     rtol: AbstractVar[float]
     atol: AbstractVar[float]
     norm: AbstractVar[Callable[[PyTree], Scalar]]
+    step_size: AbstractVar[float | None]
+    search: AbstractVar[AbstractLineSearch]
+    # Whether `direction` is a descent direction wherever it is finite.
+    descends: AbstractClassVar[bool]
+
+    def __check_init__(self):
+        for ok, message in self._conditions():
+            check_hyperparameter(ok, message)
+
+    def _conditions(self) -> tuple[tuple[Any, str], ...]:
+        name = type(self).__name__
+        shared = tuple(
+            (
+                value >= 0,
+                f"`{name}` needs a non-negative `{label}`, got {shown(value)}. Pass e.g. "
+                f"`{name}(rtol=1e-8, atol=1e-8)`.",
+            )
+            for label, value in (("rtol", self.rtol), ("atol", self.atol))
+        )
+        if self.step_size is not None:
+            shared += (
+                (
+                    self.step_size > 0,
+                    f"`{name}` needs a positive `step_size` (or `None` for the line "
+                    f"search / trust region), got {shown(self.step_size)}.",
+                ),
+            )
+        return shared + self.hyperparameter_conditions()
 
     @abc.abstractmethod
-    def init_memory(
-        self, value_fn: Callable, x: Float[Array, " n"], f: Scalar, grad: Array
-    ) -> PyTree:
-        """The solver's memory at the starting point."""
+    def hyperparameter_conditions(self) -> tuple[tuple[ArrayLike, str], ...]:
+        """`(condition, message)` for each hyperparameter of the solver's own: checked
+        at construction where concrete, at run time (`eqx.error_if`) where traced."""
 
-    def converged(self, grad: Array, grad_norm0: Scalar) -> Bool[Array, ""]:
+    @abc.abstractmethod
+    def init_memory(self, x: Float[Array, " n"], grad: Float[Array, " n"]) -> Any:
+        """The solver's memory at the starting point `x` with gradient `grad`."""
+
+    @abc.abstractmethod
+    def direction(
+        self, value_fn: Callable, x: Float[Array, " n"], state: MinimiserState
+    ) -> tuple[Float[Array, " n"], Float[Array, ""], Any, optx.RESULTS]:
+        """`(p, alpha0, memory, result)` at `x`: the search direction, the first trial
+        step, the memory with anything `update_memory` will need from this direction,
+        and the result of computing the direction (a linear solve's, promoted)."""
+
+    @abc.abstractmethod
+    def update_memory(
+        self,
+        memory: Any,
+        s: Float[Array, " n"],
+        y: Float[Array, " n"],
+        alpha: Float[Array, ""],
+        decrease: Float[Array, ""],
+    ) -> Any:
+        """The memory after the accepted step `s = alpha * p`, with `y` the change in
+        gradient and `decrease = f(x_k) - f(x_{k+1})`."""
+
+    def _converged(self, grad: Array, grad_norm0: Scalar) -> Bool[Array, ""]:
         return self.norm(grad) <= self.atol + self.rtol * grad_norm0
 
     def init(
@@ -141,19 +217,98 @@ class AbstractClassicalMinimiser(optx.AbstractMinimiser):
         f = jnp.where(finite, f, 0)
         grad = jnp.where(finite, grad, 0)
         grad_norm0 = self.norm(grad)
-        memory = self.init_memory(scalar_fn_flat(fn, args, unravel), x, f, grad)
+        # Traced hyperparameters are checked once per solve: the checks are attached
+        # to `grad_norm0`, which every later convergence test reads.
+        for ok, message in self._conditions():
+            grad_norm0 = checked_hyperparameter(grad_norm0, ok, message)
         return MinimiserState(
             f=f,
             grad=grad,
             aux=aux,
-            memory=memory,
+            memory=self.init_memory(x, grad),
             grad_norm0=grad_norm0,
             num_fn_evals=jnp.array(1),
-            terminate=~finite | self.converged(grad, grad_norm0),
+            rounding_floor=jnp.array(False),
+            terminate=~finite | self._converged(grad, grad_norm0),
             result=optx.RESULTS.where(
                 finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
             ),
         )
+
+    def step(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        state: MinimiserState,
+        tags: frozenset[object],
+    ) -> tuple[PyTree[Array], MinimiserState, Any]:
+        x, unravel = jax.flatten_util.ravel_pytree(y)
+        evaluate = value_and_grad_flat(fn, args, unravel)
+        p, alpha0, memory, direction_result = self.direction(
+            scalar_fn_flat(fn, args, unravel), x, state
+        )
+        direction_ok = direction_result == optx.RESULTS.successful
+        if self.step_size is None:
+            if self.descends:
+                slope = jnp.dot(p, state.grad)
+            else:
+                # The gradient is finite here, so a non-finite entry of p shows in
+                # the slope.
+                slope, grad_sq = inner_products(
+                    (p, state.grad), (state.grad, state.grad)
+                )
+                usable = jnp.isfinite(slope) & (slope < 0)
+                p = jnp.where(usable, p, -state.grad)
+                slope = jnp.where(usable, slope, -grad_sq)
+                alpha0 = jnp.where(usable, alpha0, unit_step(grad_sq))
+            found = self.search(
+                evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
+            )
+            # Where the search accepts no step it returns the incoming point (alpha =
+            # 0, with its value, gradient and aux), so no selection is needed.
+            alpha, f, grad, aux = found.alpha, found.f, found.grad, found.aux
+            accepted, num_evals = found.accepted, found.num_evals
+            floor = ~accepted & found.rounding_floor
+            failure = optx.RESULTS.where(
+                found.result == optx.RESULTS.successful,
+                optx.RESULTS.where(
+                    floor, optx.RESULTS.successful, optx.RESULTS.nonlinear_divergence
+                ),
+                found.result,
+            )
+        else:
+            alpha = jnp.asarray(self.step_size, x.dtype)
+            f, grad, aux = evaluate(x + alpha * p)
+            accepted, num_evals = all_finite(f, grad, p), jnp.array(1)
+            floor = jnp.array(False)
+            failure = optx.RESULTS.nonfinite
+            f = jnp.where(accepted, f, state.f)
+            grad = jnp.where(accepted, grad, state.grad)
+            aux = where_tree(accepted, aux, state.aux)
+        ok = direction_ok & accepted
+        failure = optx.RESULTS.where(direction_ok, failure, direction_result)
+        f = jnp.where(direction_ok, f, state.f)
+        grad = jnp.where(direction_ok, grad, state.grad)
+        s = jnp.where(ok, alpha * p, 0)
+        x_new = x + s
+        memory = self.update_memory(memory, s, grad - state.grad, alpha, state.f - f)
+        # The memory is kept where no step was taken.
+        memory = where_tree(ok, memory, state.memory)
+        aux = where_tree(direction_ok, aux, state.aux)
+        new_state = MinimiserState(
+            f=f,
+            grad=grad,
+            aux=aux,
+            memory=memory,
+            grad_norm0=state.grad_norm0,
+            num_fn_evals=state.num_fn_evals + num_evals,
+            rounding_floor=direction_ok & floor,
+            terminate=~ok | self._converged(grad, state.grad_norm0),
+            result=optx.RESULTS.where(ok, optx.RESULTS.successful, failure),
+        )
+        return unravel(x_new), new_state, aux
 
     def terminate(
         self,
@@ -177,127 +332,8 @@ class AbstractClassicalMinimiser(optx.AbstractMinimiser):
         tags: frozenset[object],
         result: optx.RESULTS,
     ) -> tuple[PyTree[Array], Any, dict[str, Any]]:
-        return y, state.aux, {"num_fn_evals": state.num_fn_evals}
-
-    def finish_step(
-        self,
-        state: MinimiserState,
-        ok: Bool[Array, ""],
-        failure: optx.RESULTS,
-        f: Scalar,
-        grad: Array,
-        aux: Any,
-        memory: PyTree,
-        num_evals: Int[Array, ""],
-    ) -> MinimiserState:
-        """The next state at the point `f, grad, aux` (the old one where not `ok`).
-
-        The memory is kept where not `ok`.
-        """
-        memory = where_tree(ok, memory, state.memory)
-        return MinimiserState(
-            f=f,
-            grad=grad,
-            aux=aux,
-            memory=memory,
-            grad_norm0=state.grad_norm0,
-            num_fn_evals=state.num_fn_evals + num_evals,
-            terminate=~ok | self.converged(grad, state.grad_norm0),
-            result=optx.RESULTS.where(ok, optx.RESULTS.successful, failure),
-        )
-
-
-class AbstractLineSearchMinimiser(AbstractClassicalMinimiser):
-    """A direction per iteration, then a strong-Wolfe line search or a fixed step.
-
-    Subclasses supply `direction(value_fn, x, state) -> (p, alpha0)` (alpha0 is the
-    first trial step of the line search) and `update_memory(memory, s, y, x_new, f,
-    grad, alpha)` called after an accepted step $s = x_{k+1} - x_k = \alpha p$,
-    $y = g_{k+1} - g_k$.
-
-    With `step_size=None` the step comes from `search`. A direction that is not a
-    descent direction (a Newton step on an indefinite Hessian) or not finite (curvature
-    that is not finite where the gradient is) is replaced by $-\\nabla f$ there.
-    Solvers whose directions are built from the gradient alone and descend wherever
-    they are finite (BFGS, L-BFGS, gradient descent: `descends = True`) skip that check,
-    which costs several kernels per iteration; should their direction still fail to
-    descend, the search finds no decrease and the solve stops with
-    `RESULTS.nonlinear_divergence`, as scipy's and optimistix's BFGS do. With a number, the update is
-    $x_{k+1} = x_k + \\text{step\\_size}\\, p$, exactly as written, as on the
-    reference page's fixed-step demonstrations.
-    """
-
-    step_size: AbstractVar[float | None]
-    search: AbstractVar[Any]
-    # Whether `direction` is a descent direction wherever it is finite.
-    descends: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def direction(
-        self, value_fn: Callable, x: Float[Array, " n"], state: MinimiserState
-    ) -> tuple[Float[Array, " n"], Float[Array, ""]]:
-        """A search direction at `x` and the line search's first trial step."""
-
-    @abc.abstractmethod
-    def update_memory(
-        self,
-        memory: PyTree,
-        s: Float[Array, " n"],
-        y: Float[Array, " n"],
-        x_new: Float[Array, " n"],
-        f: Scalar,
-        grad: Array,
-        alpha: Scalar,
-    ) -> PyTree:
-        """The memory after an accepted step `s = alpha * p`."""
-
-    def step(
-        self,
-        fn,
-        y: PyTree[Array],
-        args: PyTree,
-        options: dict[str, Any],
-        state: MinimiserState,
-        tags: frozenset[object],
-    ):
-        x, unravel = jax.flatten_util.ravel_pytree(y)
-        evaluate = value_and_grad_flat(fn, args, unravel)
-        p, alpha0 = self.direction(scalar_fn_flat(fn, args, unravel), x, state)
-        if self.step_size is None:
-            if self.descends:
-                slope = jnp.dot(p, state.grad)
-            else:
-                # The gradient is finite here, so a non-finite entry of p shows in
-                # the slope.
-                slope, grad_sq = inner_products(
-                    (p, state.grad), (state.grad, state.grad)
-                )
-                usable = jnp.isfinite(slope) & (slope < 0)
-                p = jnp.where(usable, p, -state.grad)
-                slope = jnp.where(usable, slope, -grad_sq)
-                alpha0 = jnp.where(usable, alpha0, unit_step(grad_sq))
-            found = self.search(
-                evaluate, x, state.f, state.grad, state.aux, p, alpha0, slope
-            )
-            # Where the search found no decrease it returns the incoming point
-            # (alpha = 0, with its value, gradient and aux), so no selection is needed.
-            alpha, f, grad, aux = found.alpha, found.f, found.grad, found.aux
-            ok, num_evals = found.decreased, found.num_evals
-            failure = optx.RESULTS.nonlinear_divergence
-        else:
-            alpha = jnp.asarray(self.step_size, x.dtype)
-            f, grad, aux = evaluate(x + alpha * p)
-            ok, num_evals = all_finite(f, grad, p), jnp.array(1)
-            failure = optx.RESULTS.nonfinite
-            f = jnp.where(ok, f, state.f)
-            grad = jnp.where(ok, grad, state.grad)
-            aux = where_tree(ok, aux, state.aux)
-        s = jnp.where(ok, alpha * p, 0)
-        x_new = x + s
-        memory = self.update_memory(
-            state.memory, s, grad - state.grad, x_new, f, grad, alpha
-        )
-        new_state = self.finish_step(
-            state, ok, failure, f, grad, aux, memory, num_evals
-        )
-        return unravel(x_new), new_state, new_state.aux
+        stats = {
+            "num_fn_evals": state.num_fn_evals,
+            "rounding_floor": state.rounding_floor,
+        }
+        return y, state.aux, stats

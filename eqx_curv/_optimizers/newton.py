@@ -10,6 +10,7 @@ trust-region step of the model with $|H|$ and searches along it.
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -22,17 +23,20 @@ from jaxtyping import Array, Float, PyTree, Scalar
 from .._operators.damped import DampedOperator
 from .._operators.eigh import EighOperator
 from .._operators.hessian import HessianOperator
-from .line_search import StrongWolfe
-from .minimiser import (
-    AbstractLineSearchMinimiser,
-    check_step_size,
-    check_tolerances,
-    MinimiserState,
-)
+from .checks import shown
+from .line_search import AbstractLineSearch, StrongWolfe
+from .minimiser import AbstractLineSearchMinimiser, MinimiserState
 
 
 class AbstractNewton(AbstractLineSearchMinimiser):
-    """Newton-type direction $p = -A^{-1} \\nabla f$ for a curvature operator $A$."""
+    """Newton-type direction $p = -A^{-1} \\nabla f$ for a curvature operator $A$.
+
+    A linear solve that reports failure (e.g. `lineax.LU` on a singular $A$) ends the
+    solve with that result, promoted to `optimistix.RESULTS`, at the current point.
+    """
+
+    # An indefinite A gives uphill directions: keep the fall-back to -grad.
+    descends: ClassVar[bool] = False
 
     linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
 
@@ -40,17 +44,18 @@ class AbstractNewton(AbstractLineSearchMinimiser):
     def curvature(self, hessian: HessianOperator) -> lx.AbstractLinearOperator:
         """The operator $A$ solved against, given the Hessian at the current point."""
 
-    def init_memory(self, value_fn, x, f, grad) -> None:
+    def init_memory(self, x, grad) -> None:
         return None
 
-    def direction(self, value_fn, x, state: MinimiserState):
+    def direction(self, value_fn, x, state: MinimiserState[PyTree, None]):
         operator = self.curvature(HessianOperator(value_fn, x))
         solution = lx.linear_solve(
             operator, -state.grad, self.linear_solver, throw=False
         )
-        return solution.value, jnp.ones((), x.dtype)
+        result = optx.RESULTS.promote(solution.result)
+        return solution.value, jnp.ones((), x.dtype), None, result
 
-    def update_memory(self, memory, s, y, x_new, f, grad, alpha) -> None:
+    def update_memory(self, memory, s, y, alpha, decrease) -> None:
         return None
 
 
@@ -60,11 +65,11 @@ class Newton(AbstractNewton):
     $H_k$ is the exact Hessian (`eqx_curv.HessianOperator`); the solve uses
     `linear_solver` (by default LU on the materialised Hessian, for small dense
     problems; pass e.g. `lineax.CG` for large positive-definite ones). $\alpha_k$ comes
-    from the strong-Wolfe line search with first trial 1; where the Newton direction is
-    not a descent direction (indefinite $H_k$), the search uses $-\nabla f$ instead.
-    With `step_size` the update is the plain $x_{k+1} = x_k - \text{step\_size}\,
+    from the line search with first trial 1; where the Newton direction is not a
+    descent direction (indefinite $H_k$), the search uses $-\nabla f$ instead. With
+    `step_size` the update is the plain $x_{k+1} = x_k - \text{step\_size}\,
     H_k^{-1} \nabla f$, which moves towards saddle points and maxima as readily as
-    towards minima (the reference page uses 0.8).
+    towards minima. A failed linear solve ends the solve with its result.
 
     **Arguments:**
 
@@ -72,7 +77,8 @@ class Newton(AbstractNewton):
     - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
     - `step_size`: `None` (default) for the line search, or a fixed step.
     - `linear_solver`: the lineax solver for the Newton system.
-    - `search`: the [`eqx_curv.StrongWolfe`][] line search.
+    - `search`: the line search (default [`eqx_curv.StrongWolfe`][]; an optimistix
+        search through [`eqx_curv.OptimistixSearch`][]).
     """
 
     rtol: float
@@ -80,11 +86,10 @@ class Newton(AbstractNewton):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     step_size: float | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
-    search: StrongWolfe = StrongWolfe()
+    search: AbstractLineSearch = StrongWolfe()
 
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol, "Newton")
-        check_step_size(self.step_size, "Newton")
+    def hyperparameter_conditions(self) -> tuple:
+        return ()
 
     def curvature(self, hessian: HessianOperator) -> lx.AbstractLinearOperator:
         return hessian
@@ -97,16 +102,17 @@ class DampedNewton(AbstractNewton):
     descent with step $1/\lambda$ (large $\lambda$); it also makes the solve well posed
     where $H_k$ is singular. The curvature operator is
     `eqx_curv.DampedOperator(HessianOperator(...), damping)`. Step as in
-    [`eqx_curv.Newton`][] (the reference page uses $\lambda = 1$, step 0.8).
+    [`eqx_curv.Newton`][].
 
     **Arguments:**
 
     - `rtol`, `atol`: stop when `norm(grad) <= atol + rtol * norm(grad(y0))`.
-    - `damping`: $\lambda$ (default 1).
+    - `damping`: $\lambda \ge 0$ (default 1).
     - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
     - `step_size`: `None` (default) for the line search, or a fixed step.
     - `linear_solver`: the lineax solver for the damped system.
-    - `search`: the [`eqx_curv.StrongWolfe`][] line search.
+    - `search`: the line search (default [`eqx_curv.StrongWolfe`][]; an optimistix
+        search through [`eqx_curv.OptimistixSearch`][]).
     """
 
     rtol: float
@@ -115,15 +121,15 @@ class DampedNewton(AbstractNewton):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     step_size: float | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
-    search: StrongWolfe = StrongWolfe()
+    search: AbstractLineSearch = StrongWolfe()
 
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol, "DampedNewton")
-        check_step_size(self.step_size, "DampedNewton")
-        if isinstance(self.damping, float | int) and not self.damping >= 0:
-            raise ValueError(
-                f"`DampedNewton` needs `damping >= 0`, got {self.damping}."
-            )
+    def hyperparameter_conditions(self) -> tuple:
+        return (
+            (
+                self.damping >= 0,
+                f"`DampedNewton` needs `damping >= 0`, got {shown(self.damping)}.",
+            ),
+        )
 
     def curvature(self, hessian: HessianOperator) -> lx.AbstractLinearOperator:
         return DampedOperator(hessian, self.damping)
@@ -134,7 +140,9 @@ class DampedNewton(AbstractNewton):
 
 
 class _RadiusMemory(eqx.Module):
-    radius: Float[Array, ""]
+    radius: Float[Array, ""]  # Delta
+    shift_scale: Float[Array, ""]  # t in (0, 1]: the shift is t * c * |g|
+    predicted: Float[Array, ""]  # -m(p) of the last direction's full step
 
 
 def _abs_floored(values: Array) -> Array:
@@ -185,41 +193,84 @@ def _trust_region_step(
 class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
     """Newton with $|H|$ in a trust region; see [`eqx_curv.SaddleFreeNewton`][]."""
 
+    # The eigendecomposition may be non-finite where the gradient is finite: keep the
+    # fall-back to -grad.
+    descends: ClassVar[bool] = False
+
     initial_radius: eqx.AbstractVar[float]
     max_radius: eqx.AbstractVar[float]
     regularisation: eqx.AbstractVar[float]
 
-    def init_memory(self, value_fn, x, f, grad) -> _RadiusMemory:
-        return _RadiusMemory(jnp.asarray(self.initial_radius, x.dtype))
+    def hyperparameter_conditions(self) -> tuple:
+        name = type(self).__name__
+        r0, rmax, c = self.initial_radius, self.max_radius, self.regularisation
+        return (
+            (
+                (0 < r0) & (r0 <= rmax),
+                f"`{name}` needs 0 < initial_radius <= max_radius, got "
+                f"initial_radius={shown(r0)}, max_radius={shown(rmax)}.",
+            ),
+            (c >= 0, f"`{name}` needs `regularisation >= 0`, got {shown(c)}."),
+        )
 
-    def direction(self, value_fn, x, state: MinimiserState):
+    def init_memory(self, x, grad) -> _RadiusMemory:
+        one = jnp.ones((), x.dtype)
+        return _RadiusMemory(jnp.asarray(self.initial_radius, x.dtype), one, one)
+
+    def direction(self, value_fn, x, state: MinimiserState[PyTree, _RadiusMemory]):
+        memory = state.memory
         eigen = EighOperator(HessianOperator(value_fn, x))
         vectors = eigen.eigenvectors
         abs_values = _abs_floored(eigen.eigenvalues)
         g_eig = vectors.T @ state.grad
         if self.step_size is None:
-            shift = self.regularisation * jnp.sqrt(jnp.dot(state.grad, state.grad))
+            shift = (
+                memory.shift_scale
+                * self.regularisation
+                * jnp.sqrt(jnp.dot(state.grad, state.grad))
+            )
             p_eig = _trust_region_step(
-                abs_values, g_eig, state.memory.radius, shift.astype(x.dtype)
+                abs_values, g_eig, memory.radius, shift.astype(x.dtype)
             )
         else:
             p_eig = -g_eig / abs_values
-        return vectors @ p_eig, jnp.ones((), x.dtype)
+        # The decrease that the model g^T p + p^T |H| p / 2 (without the shift)
+        # predicts for the full step.
+        predicted = -jnp.sum(g_eig * p_eig + 0.5 * abs_values * p_eig**2)
+        # Zero where the curvature was not finite (the step then falls back to -g).
+        predicted = jnp.where(jnp.isfinite(predicted), predicted, 0)
+        memory = _RadiusMemory(memory.radius, memory.shift_scale, predicted)
+        p = vectors @ p_eig
+        return p, jnp.ones((), x.dtype), memory, optx.RESULTS.successful
 
-    def update_memory(self, memory: _RadiusMemory, s, y, x_new, f, grad, alpha):
-        # The line search judges the trust-region step: a full step that reached the
-        # boundary doubles the radius; a shortened one sets it to the length that
-        # worked (Nocedal and Yuan's combination of trust region and backtracking).
-        radius = memory.radius
+    def update_memory(self, memory: _RadiusMemory, s, y, alpha, decrease):
+        # The line search judges the trust-region step (Nocedal and Yuan's
+        # combination of trust region and backtracking): a shortened step sets the
+        # radius to the length that worked and restores the full shift. A full step
+        # whose decrease the model predicted to 0.1% (rho = actual / predicted in
+        # [0.999, 1.001]: f is quadratic on the scale of the step) divides the
+        # shift by 8, since the shift guards against a model that is wrong, and,
+        # where it reached the boundary, quadruples the radius; another full step
+        # that reached the boundary doubles it (up to `max_radius`).
+        radius, scale = memory.radius, memory.shift_scale
         step = jnp.sqrt(jnp.dot(s, s))
-        proposed = step / jnp.where(alpha > 0, alpha, 1)
-        expand = (alpha >= 1) & (proposed >= 0.99 * radius)
-        radius = jnp.where(
-            expand,
-            jnp.minimum(2 * radius, self.max_radius),
-            jnp.where((alpha < 1) & (step > 0), step, radius),
+        full = alpha >= 1
+        at_boundary = full & (step / jnp.where(full, alpha, 1) >= 0.99 * radius)
+        predicted = memory.predicted
+        agrees = (
+            full & (predicted > 0) & (jnp.abs(decrease - predicted) <= 1e-3 * predicted)
         )
-        return _RadiusMemory(radius)
+        shortened = (alpha < 1) & (step > 0)
+        growth = jnp.where(agrees, 4, 2)
+        radius = jnp.where(
+            at_boundary,
+            jnp.minimum(growth * radius, self.max_radius),
+            jnp.where(shortened, step, radius),
+        )
+        scale = jnp.where(
+            agrees, scale / 8, jnp.where(shortened, jnp.ones_like(scale), scale)
+        )
+        return _RadiusMemory(radius, scale, memory.predicted)
 
 
 class SaddleFreeNewton(AbstractSaddleFreeNewton):
@@ -242,8 +293,14 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
     2. the strong-Wolfe line search along $p$ with first trial 1 gives $x_{k+1} = x_k +
        \alpha_k p$ (Nocedal and Yuan, *Combining trust region and line search
        techniques*, 1998: a poor trial backtracks instead of being rejected);
-    3. $\Delta$ doubles (up to `max_radius`) when a full step reached the boundary, and
-       becomes $\alpha_k \lVert p\rVert$ when the search shortened the step.
+    3. with $\rho_k$ the actual decrease over the decrease that $g^\top p +
+       \frac12 p^\top |H| p$ predicts for the full step: where the search shortened
+       the step, $\Delta$ becomes $\alpha_k \lVert p\rVert$ and the shift its full
+       $c\lVert g\rVert$; where a full step had $|\rho_k - 1| \le 10^{-3}$ ($f$ is
+       quadratic on the scale of the step, so the shift's guard is not needed) the
+       shift is divided by 8 and $\Delta$ grows fourfold if the step reached it;
+       otherwise $\Delta$ doubles after a full step to the boundary (up to
+       `max_radius`).
 
     From the classical start of Rosenbrock in 100 dimensions this reaches the global
     minimum (trust-region Newton on $H$, like scipy's `trust-exact`, and this method
@@ -251,8 +308,8 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
     depends on the path, not on a guarantee, and is asserted in the tests.
 
     With `step_size` there is neither trust region nor line search: $x_{k+1} = x_k -
-    \text{step\_size}\,|H|^{-1} \nabla f$ (the reference page's "trust-region
-    Newton", step 0.8). Dense: one eigendecomposition per iteration, for small problems.
+    \text{step\_size}\,|H|^{-1} \nabla f$. Dense: one eigendecomposition per
+    iteration, for small problems.
 
     **Arguments:**
 
@@ -264,7 +321,9 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
     - `max_radius`: the largest $\Delta$ (default 1000).
     - `regularisation`: $c \ge 0$ in $\mu_0 = c \lVert\nabla f\rVert_2$ (default
         0.3). It has the units of $1/x$: rescaling the variables by $s$ calls for $c/s$.
-    - `search`: the [`eqx_curv.StrongWolfe`][] line search.
+    - `search`: the line search along the trust-region step (default
+        [`eqx_curv.StrongWolfe`][]; an optimistix search through
+        [`eqx_curv.OptimistixSearch`][]).
     """
 
     rtol: float
@@ -274,20 +333,4 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
     initial_radius: float = 1.0
     max_radius: float = 1000.0
     regularisation: float = 0.3
-    search: StrongWolfe = StrongWolfe()
-
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol, "SaddleFreeNewton")
-        check_step_size(self.step_size, "SaddleFreeNewton")
-        r0, rmax = self.initial_radius, self.max_radius
-        if isinstance(r0, float | int) and isinstance(rmax, float | int):
-            if not 0 < r0 <= rmax:
-                raise ValueError(
-                    "`SaddleFreeNewton` needs 0 < initial_radius <= max_radius, got "
-                    f"initial_radius={r0}, max_radius={rmax}."
-                )
-        c = self.regularisation
-        if isinstance(c, float | int) and not c >= 0:
-            raise ValueError(
-                f"`SaddleFreeNewton` needs `regularisation >= 0`, got {c}."
-            )
+    search: AbstractLineSearch = StrongWolfe()

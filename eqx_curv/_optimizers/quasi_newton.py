@@ -18,6 +18,7 @@ Sections 6.1 and 7.2.
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -25,11 +26,10 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .line_search import StrongWolfe
+from .checks import shown
+from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import (
     AbstractLineSearchMinimiser,
-    check_step_size,
-    check_tolerances,
     inner_products,
     MinimiserState,
     unit_step,
@@ -82,24 +82,25 @@ class AbstractBFGS(AbstractLineSearchMinimiser):
     """BFGS on the inverse Hessian; see [`eqx_curv.BFGS`][]."""
 
     # B stays positive definite: updates are made only with y^T s > 0.
-    descends = True
+    descends: ClassVar[bool] = True
 
-    def init_memory(self, value_fn, x, f, grad) -> _BFGSMemory:
-        # Before any curvature information a unit step along -g has no scale: cap
-        # the first step at unit length.
+    def hyperparameter_conditions(self) -> tuple:
+        return ()
+
+    def init_memory(self, x, grad) -> _BFGSMemory:
+        # B_0 = I, unscaled (not s^T y / y^T y as in Nocedal and Wright's eq. 6.20):
+        # before any curvature information a unit step along -g has no scale, so the
+        # first trial is capped at unit length instead.
         return _BFGSMemory(
             jnp.eye(x.size, dtype=x.dtype), unit_step(jnp.dot(grad, grad))
         )
 
-    def direction(self, value_fn, x, state: MinimiserState):
-        return -(state.memory.inv_hessian @ state.grad), state.memory.alpha0
+    def direction(self, value_fn, x, state: MinimiserState[PyTree, _BFGSMemory]):
+        memory = state.memory
+        p = -(memory.inv_hessian @ state.grad)
+        return p, memory.alpha0, memory, optx.RESULTS.successful
 
-    def update_memory(
-        self, memory: _BFGSMemory, s, y, x_new, f, grad, alpha
-    ) -> _BFGSMemory:
-        # B_0 = I, unscaled: rescaling it by s^T y / y^T y before the first update
-        # (Nocedal and Wright, eq. 6.20) measured slower here (38 instead of 32
-        # iterations on Rosenbrock 2-D), so the first step is capped in length instead.
+    def update_memory(self, memory: _BFGSMemory, s, y, alpha, decrease) -> _BFGSMemory:
         updated = bfgs_inverse_update(memory.inv_hessian, s, y)
         return _BFGSMemory(updated, jnp.ones_like(memory.alpha0))
 
@@ -117,20 +118,17 @@ class BFGS(AbstractBFGS):
 
     - `rtol`, `atol`: stop when `norm(grad) <= atol + rtol * norm(grad(y0))`.
     - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
-    - `step_size`: `None` (default) for the strong-Wolfe line search, or a fixed step
-        size (as on the reference page: 0.15, starting from $B_0 = I$).
-    - `search`: the [`eqx_curv.StrongWolfe`][] line search and its constants.
+    - `step_size`: `None` (default) for the line search, or a fixed step size (then
+        $x_{k+1} = x_k - \text{step\_size}\, B_k \nabla f$ from $B_0 = I$).
+    - `search`: the line search (default [`eqx_curv.StrongWolfe`][]; an optimistix
+        search through [`eqx_curv.OptimistixSearch`][]).
     """
 
     rtol: float
     atol: float
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     step_size: float | None = None
-    search: StrongWolfe = StrongWolfe()
-
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol, "BFGS")
-        check_step_size(self.step_size, "BFGS")
+    search: AbstractLineSearch = StrongWolfe()
 
 
 def lbfgs_two_loop(
@@ -145,12 +143,9 @@ def lbfgs_two_loop(
     ($\rho = 0$), which the recursion passes through unchanged. $B_0 = \gamma I$ with
     $\gamma = s^\top y / y^\top y$ of the newest pair ($1$ with no pairs).
     """
-    # Two `fori_loop`s with static-offset indices. Measured against the same recursion
-    # unrolled over the M slots (median of interleaved solves, 2-core CPU): Rosenbrock
-    # 2-D 0.096 against 0.128 ms, the quartic 0.049 against 0.063 ms, Rosenbrock 20-D
-    # 0.65 against 0.77 ms, Rosenbrock 100-D level (4.55 against 4.77 ms, 8.0 against
-    # 7.9 ms in a second run): the unrolled form's 4M separate small kernels cost more
-    # than the loops.
+    # Two `fori_loop`s rather than the recursion unrolled over the M slots: the
+    # unrolled form's 4M small kernels cost more than the loops on small problems
+    # (measurements in docs/classical.md).
     m = s_history.shape[0]
 
     def backward(j, carry):
@@ -182,11 +177,21 @@ class AbstractLBFGS(AbstractLineSearchMinimiser):
     """L-BFGS by the two-loop recursion; see [`eqx_curv.LBFGS`][]."""
 
     # Pairs are stored only with y^T s > 0, so B is positive definite.
-    descends = True
+    descends: ClassVar[bool] = True
 
     memory_size: eqx.AbstractVar[int]
 
-    def init_memory(self, value_fn, x, f, grad) -> _LBFGSMemory:
+    def hyperparameter_conditions(self) -> tuple:
+        m = self.memory_size
+        return (
+            (
+                isinstance(m, int) and m >= 1,
+                f"`{type(self).__name__}` needs `memory_size` to be a positive int, "
+                f"got {shown(m)}; 5 to 20 is usual.",
+            ),
+        )
+
+    def init_memory(self, x, grad) -> _LBFGSMemory:
         m = self.memory_size
         return _LBFGSMemory(
             s=jnp.zeros((m, x.size), x.dtype),
@@ -195,17 +200,17 @@ class AbstractLBFGS(AbstractLineSearchMinimiser):
             num_pairs=jnp.array(0),
         )
 
-    def direction(self, value_fn, x, state: MinimiserState):
+    def direction(self, value_fn, x, state: MinimiserState[PyTree, _LBFGSMemory]):
         mem = state.memory
         p = -lbfgs_two_loop(mem.s, mem.y, mem.rho, state.grad)
-        # min(1, 1/|g|) as `unit_step` computes it, but written so: XLA turns this
-        # 1/sqrt into rsqrt, and the other form's last-bit difference changes the
-        # L-BFGS path on Rosenbrock 100-D (533 -> 530 iterations) by rounding alone.
+        # min(1, 1/|g|): the value `unit_step` computes, written out here because
+        # XLA compiles this form to a different last bit (rsqrt), and the L-BFGS path
+        # is sensitive to it (see docs/classical.md).
         norm = jnp.sqrt(jnp.dot(state.grad, state.grad))
         alpha0 = jnp.where(mem.num_pairs == 0, jnp.minimum(1, 1 / norm), 1)
-        return p, alpha0
+        return p, alpha0, mem, optx.RESULTS.successful
 
-    def update_memory(self, memory: _LBFGSMemory, s, y, x_new, f, grad, alpha):
+    def update_memory(self, memory: _LBFGSMemory, s, y, alpha, decrease):
         ys, yy, ss = inner_products((y, s), (y, y), (s, s))
         ok = _curvature_is_positive(ys, yy, ss)
         rho = 1 / jnp.where(ok, ys, 1)
@@ -238,8 +243,9 @@ class LBFGS(AbstractLBFGS):
     - `rtol`, `atol`: stop when `norm(grad) <= atol + rtol * norm(grad(y0))`.
     - `norm`: norm of the gradient for that test (default `optimistix.max_norm`).
     - `memory_size`: the number of pairs $M$ kept (default 10).
-    - `step_size`: `None` (default) for the strong-Wolfe line search, or a fixed step.
-    - `search`: the [`eqx_curv.StrongWolfe`][] line search and its constants.
+    - `step_size`: `None` (default) for the line search, or a fixed step.
+    - `search`: the line search (default [`eqx_curv.StrongWolfe`][]; an optimistix
+        search through [`eqx_curv.OptimistixSearch`][]).
     """
 
     rtol: float
@@ -247,13 +253,4 @@ class LBFGS(AbstractLBFGS):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     memory_size: int = eqx.field(static=True, default=10)
     step_size: float | None = None
-    search: StrongWolfe = StrongWolfe()
-
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol, "LBFGS")
-        check_step_size(self.step_size, "LBFGS")
-        if not (isinstance(self.memory_size, int) and self.memory_size >= 1):
-            raise ValueError(
-                f"`LBFGS` needs `memory_size` to be a positive int, got "
-                f"{self.memory_size!r}; 5 to 20 is usual."
-            )
+    search: AbstractLineSearch = StrongWolfe()
