@@ -113,9 +113,16 @@ class AbstractLoss(eqx.Module):
         `[batch, dim, dim]`, `dim` the number of outputs per example (the axes after
         the batch axis flattened in row-major order), with $S_i S_i^\top = H_i$ for
         the per-example loss (no $\frac1N$).
-    - `sample(key, outputs)`: targets drawn from the predictive distribution
-        $p(y \mid o_i) \propto e^{-\ell(o_i, y)}$, one per example, in the layout
-        `__call__` takes; no gradient flows through them.
+    - `sample(key, outputs)`: targets drawn from the model's predictive distribution
+        at `outputs`, one per example, in the layout `__call__` takes; no gradient
+        flows through them.
+    - `num_positions(outputs)`: how many positions $T$ the per-example loss is the
+        MEAN over, as a Python int: $\ell_i = \frac1T \sum_t -\log p(y_{it} \mid
+        o_{it})$. 1 for a loss that sums its per-example terms (the usual case);
+        the number of tokens for a per-token loss. The Monte-Carlo Fisher needs it:
+        $\mathbb{E}[\nabla \ell_i \nabla \ell_i^\top] = H_i / T$ there, since the
+        $T$ terms' gradients are independent with mean zero, so it scales the sampled
+        outer products by $T$ to estimate $H_i$.
 
     Check a new loss against `jax.hessian(lambda o: loss(o, y))(o)`: it is block
     diagonal over the batch, with block $i$ equal to $\frac1N H_i$. The page
@@ -199,6 +206,10 @@ class AbstractLoss(eqx.Module):
     @abc.abstractmethod
     def sample(self, key: PRNGKeyArray, outputs: Float[Array, "batch ..."]) -> Array:
         """Targets drawn from the predictive distribution at `outputs` (no gradient)."""
+
+    @abc.abstractmethod
+    def num_positions(self, outputs: Float[Array, "batch ..."]) -> int:
+        """How many positions the per-example loss is the mean over (1 if none)."""
 
 
 _NAME = "SoftmaxCrossEntropy"
@@ -385,6 +396,10 @@ class SoftmaxCrossEntropy(AbstractLoss):
     ) -> Int[Array, " batch *tokens"]:
         return jax.random.categorical(key, jax.lax.stop_gradient(outputs), axis=-1)
 
+    def num_positions(self, outputs: Float[Array, "batch *tokens classes"]) -> int:
+        # The mean over every token axis.
+        return int(np.prod(jnp.shape(outputs)[1:-1], dtype=int))
+
 
 class MeanSquaredError(AbstractLoss):
     r"""Half the squared error, summed over output dimensions: $\ell(o, y) =
@@ -432,6 +447,9 @@ class MeanSquaredError(AbstractLoss):
         outputs = jax.lax.stop_gradient(outputs)
         return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
 
+    def num_positions(self, outputs: Float[Array, "batch ..."]) -> int:
+        return 1  # summed over output dimensions, not averaged
+
 
 class SigmoidBinaryCrossEntropy(AbstractLoss):
     r"""Binary cross-entropy of sigmoid probabilities, summed over output dimensions.
@@ -478,3 +496,6 @@ class SigmoidBinaryCrossEntropy(AbstractLoss):
     ) -> Float[Array, "batch ..."]:
         p = jax.nn.sigmoid(jax.lax.stop_gradient(outputs))
         return jax.random.bernoulli(key, p).astype(outputs.dtype)
+
+    def num_positions(self, outputs: Float[Array, "batch ..."]) -> int:
+        return 1  # summed over output dimensions, not averaged

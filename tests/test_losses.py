@@ -4,6 +4,7 @@ import itertools
 import pathlib
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,7 +331,33 @@ def test_per_token_fisher_is_hessian_over_tokens(key):
         prob = jnp.prod(jnp.take_along_axis(p, y[..., None], axis=-1)[..., 0], axis=1)
         r = (jax.grad(loss)(o, y) * n).reshape(n, -1)
         fisher = fisher + prob[:, None, None] * r[:, :, None] * r[:, None, :]
-    np.testing.assert_allclose(tokens * fisher, blocks, atol=1e-13)
+    assert loss.num_positions(o) == tokens
+    np.testing.assert_allclose(loss.num_positions(o) * fisher, blocks, atol=1e-13)
+
+
+class _TokenModel(eqx.Module):
+    """One example [4] -> logits [2 tokens, 3 classes]."""
+
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.linear(x).reshape(2, 3)
+
+
+def test_sampled_fisher_of_per_token_outputs_estimates_the_ggn(key):
+    # The Monte-Carlo Fisher scales its outer products by num_positions, so with many
+    # samples it approaches the GGN (= the exact Fisher); without the scale it would
+    # approach GGN / 2 here.
+    mkey, xkey, fkey = jax.random.split(key, 3)
+    model = _TokenModel(eqx.nn.Linear(4, 6, key=mkey))
+    x = jax.random.normal(xkey, (3, 4))
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    ggn = eqx_curv.GGNOperator(model, loss, x).as_matrix()
+    sampled = eqx_curv.FisherOperator(
+        model, loss, x, key=fkey, num_samples=4000
+    ).as_matrix()
+    error = np.linalg.norm(sampled - ggn) / np.linalg.norm(ggn)
+    assert error < 0.1, error
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,6 +436,7 @@ def test_custom_loss_must_declare_whether_its_hessian_needs_targets(docs_losses)
         hvp = poisson.hvp
         hessian_sqrt = poisson.hessian_sqrt
         sample = poisson.sample
+        num_positions = poisson.num_positions
 
     with pytest.raises(TypeError, match="hessian_depends_on_targets"):
         Undeclared()

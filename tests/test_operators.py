@@ -1,5 +1,7 @@
 """Curvature operators against dense float64 oracles, lineax solvers and bad input."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
@@ -400,10 +402,10 @@ def test_hessian_closure_gradients_flow():
 # --- keywords, targets, empty batches, misuse ----------------------------------------
 
 
-class _WeightedSquaredError(eqx_curv.MeanSquaredError):
+class _WeightedSquaredError(eqx_curv.AbstractLoss):
     """0.5 * sum_c y_c o_c^2: an output Hessian, diag(y), that depends on the targets."""
 
-    hessian_depends_on_targets = True
+    hessian_depends_on_targets: ClassVar[bool] = True
 
     def __call__(self, outputs, targets):
         return 0.5 * jnp.mean(jnp.sum(targets * outputs**2, axis=-1))
@@ -412,6 +414,17 @@ class _WeightedSquaredError(eqx_curv.MeanSquaredError):
         if targets is None:
             raise ValueError("`targets` are needed for this loss's Hessian.")
         return targets * tangents / outputs.shape[0]
+
+    def hessian_sqrt(self, outputs, *, targets=None):
+        if targets is None:
+            raise ValueError("`targets` are needed for this loss's Hessian.")
+        return jax.vmap(jnp.diag)(jnp.sqrt(targets))
+
+    def sample(self, key, outputs):
+        return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+
+    def num_positions(self, outputs):
+        return 1
 
 
 def test_targets_only_where_the_loss_hessian_needs_them():

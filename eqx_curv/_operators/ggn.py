@@ -119,17 +119,17 @@ def _per_example_dot(a: Array, b: Array) -> Array:
     return jnp.sum(a * b, axis=axes, keepdims=True)
 
 
-def _outer_products_map(residuals: Array) -> Callable[[Array], Array]:
-    r"""$t \mapsto \frac{1}{NS} \sum_s r_s (r_s \cdot t)$ per example.
+def _outer_products_map(residuals: Array, scale: int = 1) -> Callable[[Array], Array]:
+    r"""$t \mapsto \frac{c}{NS} \sum_s r_s (r_s \cdot t)$ per example.
 
     `residuals` are the per-example output gradients $r_{is}$ with shape
-    `[samples, batch, ...]`.
+    `[samples, batch, ...]`; $c$ is `scale`.
     """
     num_samples, batch = residuals.shape[:2]
 
     def output_map(t):
         dots = jax.vmap(_per_example_dot, in_axes=(0, None))(residuals, t)
-        return jnp.sum(residuals * dots, axis=0) / (num_samples * batch)
+        return jnp.sum(residuals * dots, axis=0) * (scale / (num_samples * batch))
 
     return output_map
 
@@ -405,9 +405,12 @@ class GGNOperator(_AbstractOutputSpaceOperator):
 class FisherOperator(_AbstractOutputSpaceOperator):
     r"""The Fisher information of the model's predictive distribution.
 
-    $F = \frac1N \sum_i J_i^\top \mathbb{E}_{y \sim p(y \mid o_i)}[\nabla_o \ell \,
-    \nabla_o \ell^\top] J_i$, where $p(y \mid o) \propto e^{-\ell(o, y)}$ is the
-    distribution the loss is the negative log-likelihood of.
+    $F = \frac1N \sum_i J_i^\top T_i \, \mathbb{E}_{y \sim p(y \mid o_i)}[\nabla_o
+    \ell \, \nabla_o \ell^\top] J_i$, where $p(y \mid o)$ is the model's predictive
+    distribution, whose negative log-likelihood the loss is, and $T_i$ =
+    `loss.num_positions(outputs)` is the number of positions (tokens) the per-example
+    loss averages over (1 without tokens): a loss that is $\frac1T$ of a negative
+    log-likelihood has squared gradients $T$ times smaller than its Hessian.
 
     With `key=None` the expectation is exact; for losses whose output Hessian does not
     depend on the targets (canonical links, as every built-in loss) it equals the
@@ -477,7 +480,9 @@ class FisherOperator(_AbstractOutputSpaceOperator):
         residuals = jax.vmap(lambda y: _per_example_gradients(self.loss, outputs, y))(
             targets
         )
-        return _outer_products_map(residuals)
+        # A per-example loss that is the mean over T positions (tokens) has
+        # E[r r^T] = H / T: its T terms' gradients are independent with mean zero.
+        return _outer_products_map(residuals, self.loss.num_positions(outputs))
 
 
 class EmpiricalFisherOperator(_AbstractOutputSpaceOperator):
