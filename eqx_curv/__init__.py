@@ -44,7 +44,15 @@ from ._operators.kronecker import (
 from ._operators.woodbury import WoodburyOperator as WoodburyOperator
 from ._optimizers.diagonal_newton import DiagonalNewton as DiagonalNewton
 from ._optimizers.gradient_descent import GradientDescent as GradientDescent
-from ._optimizers.line_search import StrongWolfe as StrongWolfe
+from ._optimizers.line_search import (
+    AbstractLineSearch as AbstractLineSearch,
+    LineSearchResult as LineSearchResult,
+    OptimistixSearch as OptimistixSearch,
+    StrongWolfe as StrongWolfe,
+)
+from ._optimizers.minimiser import (
+    AbstractLineSearchMinimiser as AbstractLineSearchMinimiser,
+)
 from ._optimizers.newton import (
     DampedNewton as DampedNewton,
     Newton as Newton,

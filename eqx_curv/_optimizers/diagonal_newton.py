@@ -6,7 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import PyTree, Scalar
+from jaxtyping import PyTree, Scalar, ScalarLike
 
 from .._operators.diagonal import exact_diagonal
 from .._operators.hessian import HessianOperator
@@ -21,7 +21,7 @@ class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
     # |h_ii| may be non-finite where the gradient is finite: keep the fall-back.
     descends: ClassVar[bool] = False
 
-    min_curvature: eqx.AbstractVar[float]
+    min_curvature: eqx.AbstractVar[ScalarLike]
 
     def hyperparameter_conditions(self) -> tuple:
         delta = self.min_curvature
@@ -71,9 +71,9 @@ class DiagonalNewton(AbstractDiagonalNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
-    min_curvature: float = 1e-3
+    step_size: ScalarLike | None = None
+    min_curvature: ScalarLike = 1e-3
     search: AbstractLineSearch = StrongWolfe()

@@ -6,7 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar, ScalarLike
 
 from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import AbstractLineSearchMinimiser, MinimiserState, unit_step
@@ -55,8 +55,8 @@ class GradientDescent(AbstractGradientDescent):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
+    step_size: ScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()

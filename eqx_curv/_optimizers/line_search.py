@@ -47,7 +47,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree, ScalarLike
 
 from .checks import check_hyperparameter, checked_hyperparameter, shown
 
@@ -101,8 +101,9 @@ class LineSearchResult(eqx.Module):
         [`eqx_curv.StrongWolfe`][], the strong Wolfe conditions, or their approximate
         form where $f$ cannot tell); a search that ran out of evaluations may accept a
         step that only decreased $f$.
-    - `rounding_floor`: no step was accepted, and every trial's value was within the
-        rounding error of $f(x)$: $f$ cannot be decreased along $p$ in its precision.
+    - `flat`: the returned value is within the rounding error of $f(x)$ ($f$ could not
+        tell the step's effect); where no step was accepted, every trial's value was:
+        $f$ cannot be decreased along $p$ in its precision (the rounding floor).
     - `result`: an `optimistix.RESULTS` for a failure the search itself reports
         (`successful` otherwise; not accepting a step is not such a failure).
     """
@@ -114,7 +115,7 @@ class LineSearchResult(eqx.Module):
     num_evals: Int[Array, ""]
     accepted: Bool[Array, ""]
     satisfied: Bool[Array, ""]
-    rounding_floor: Bool[Array, ""]
+    flat: Bool[Array, ""]
     result: optx.RESULTS
 
 
@@ -177,7 +178,7 @@ class StrongWolfe(AbstractLineSearch):
     Non-finite trials shrink the step. If `max_evals` evaluations pass without meeting
     the curvature condition, the best step found with sufficient decrease is returned
     (flagged `satisfied=False`); if there is none, the step is zero (flagged
-    `accepted=False`, and `rounding_floor=True` where every trial's value was within
+    `accepted=False`, and `flat=True` where every trial's value was within
     $\epsilon |\phi(0)|$ of $\phi(0)$). Along a direction that is not a descent
     direction the step is zero after the one evaluation of the first trial (evaluated
     before the direction is judged, so that the common case runs no extra kernel).
@@ -190,16 +191,16 @@ class StrongWolfe(AbstractLineSearch):
     - `max_evals`: most function-and-gradient evaluations per search.
     - `max_step`: largest step the bracketing phase may try.
     - `rounding`: $\epsilon$, the relative rounding error assumed in $f$, as a multiple
-        of the machine epsilon of $f$'s dtype (default 100: $2 \cdot 10^{-14}$ in
+        of the machine epsilon of $f$'s dtype (default 4: $9 \cdot 10^{-16}$ in
         float64). Within $\epsilon |f(x)|$ of $f(x)$ the search judges by the
         derivative, not by $f$.
     """
 
-    c1: float = 1e-4
-    c2: float = 0.9
+    c1: ScalarLike = 1e-4
+    c2: ScalarLike = 0.9
     max_evals: int = eqx.field(static=True, default=30)
-    max_step: float = 1e10
-    rounding: float = 100.0
+    max_step: ScalarLike = 1e10
+    rounding: ScalarLike = 4.0
 
     def __check_init__(self):
         c1, c2 = self.c1, self.c2
@@ -247,9 +248,6 @@ class StrongWolfe(AbstractLineSearch):
         )
         max_step = jnp.asarray(self.max_step, dtype)
         eps = jnp.finfo(dtype).eps
-        # Hager and Zhang's epsilon_k: how far above f(x) a value may lie and still
-        # count as "f cannot tell".
-        tolerance = jnp.asarray(self.rounding, dtype) * eps * jnp.abs(f0)
         zero = jnp.zeros((), dtype)
         alpha0 = jnp.asarray(alpha0, dtype)
 
@@ -261,6 +259,11 @@ class StrongWolfe(AbstractLineSearch):
 
         def descends():
             return slope0 < 0
+
+        def tolerance():
+            # Hager and Zhang's epsilon_k: how far above f(x) a value may lie and
+            # still count as "f cannot tell".
+            return jnp.asarray(self.rounding, dtype) * eps * jnp.abs(f0)
 
         def start():
             return _LoopState(
@@ -297,7 +300,7 @@ class StrongWolfe(AbstractLineSearch):
             # Hager and Zhang's approximate form, for where f cannot tell: no higher
             # than rounding above the best value, and the slope no more than
             # (1 - 2 c1) |phi'(0)| (for a quadratic, sufficient decrease itself).
-            approximate = (f <= f_lo + tolerance) & (slope <= (2 * c1 - 1) * slope0)
+            approximate = (f <= f_lo + tolerance()) & (slope <= (2 * c1 - 1) * slope0)
             # Too far: becomes the upper end of the bracket. Along a direction that
             # does not descend every step is, and so is a step that is not positive
             # (a first trial of 0 or NaN), and so is every step if f0 is NaN: the
@@ -350,7 +353,7 @@ class StrongWolfe(AbstractLineSearch):
                 | (num_evals >= self.max_evals)
                 | ~descends()
             )
-            flat = s.flat & finite & (jnp.abs(f - f0) <= tolerance)
+            flat = s.flat & finite & (jnp.abs(f - f0) <= tolerance())
             return _LoopState(
                 lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, flat, done
             )
@@ -366,27 +369,31 @@ class StrongWolfe(AbstractLineSearch):
         # read from it afterwards: slicing inside a branch costs a kernel per field.
         def at_once():
             trial = _trial(first_trial(), f, slope)
-            return trial, g, aux, jnp.array(1), jnp.array(True), jnp.array(False)
+            flat = jnp.abs(f - f0) <= tolerance()
+            return trial, g, aux, jnp.array(1), jnp.array(True), flat
 
         def search_on():
             first = update(start(), first_trial(), f, g, aux, slope)
             out = jax.lax.while_loop(cond, body, first)
-            floor = out.flat & descends()
-            return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied, floor
+            flat = jnp.where(
+                out.lo.alpha > 0,
+                jnp.abs(out.lo.f - f0) <= tolerance(),
+                out.flat & descends(),
+            )
+            return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied, flat
 
         lo, grad, aux, num_evals, satisfied, flat = jax.lax.cond(
             passed, at_once, search_on
         )
-        accepted = lo.alpha > 0
         return LineSearchResult(
             alpha=lo.alpha,
             f=lo.f,
             grad=grad,
             aux=aux,
             num_evals=num_evals,
-            accepted=accepted,
+            accepted=lo.alpha > 0,
             satisfied=satisfied,
-            rounding_floor=~accepted & flat,
+            flat=flat,
             result=optx.RESULTS.successful,
         )
 
@@ -511,6 +518,7 @@ class OptimistixSearch(AbstractLineSearch):
         )
         out = jax.lax.while_loop(cond, body, start)
         accepted = out.accepted
+        eps = jnp.finfo(dtype).eps
         return LineSearchResult(
             alpha=jnp.where(accepted, out.trial, 0),
             f=jnp.where(accepted, out.f, f0),
@@ -519,6 +527,9 @@ class OptimistixSearch(AbstractLineSearch):
             num_evals=out.num_evals,
             accepted=accepted,
             satisfied=accepted,
-            rounding_floor=jnp.array(False),
+            # Within a few roundings of f(x), as `StrongWolfe`'s default. Where the
+            # search accepted nothing, the floor is not claimed: an optimistix search
+            # does not say why it gave up.
+            flat=accepted & (jnp.abs(out.f - f0) <= 4 * eps * jnp.abs(f0)),
             result=out.result,
         )

@@ -21,10 +21,14 @@ point, value and gradient stay at the last good iterate:
 - a line search that accepts no step: `RESULTS.nonlinear_divergence`, except at the
   rounding floor (below).
 
-The rounding floor: where every trial of the search had a value within the search's
-rounding tolerance of $f(x_k)$ (and the derivative along the direction could not decide
-either), $f$ cannot be decreased in its floating-point precision along the direction:
-the point is a minimiser to the precision of $f$. The solve then ends with
+The rounding floor: near a minimum whose value is large compared with what a step
+changes, $f$ stops changing in its last bits, and the line search judges by the
+derivative instead (see [`eqx_curv.StrongWolfe`][]); the gradient test is usually met
+there. Where it cannot be (a tolerance below what the arithmetic allows), the solve
+stops at the rounding floor, in either of two ways: the search accepts no step and every
+trial's value was within rounding of $f(x_k)$, or `_STALL` accepted steps in a row
+changed $f$ by no more than that rounding (the search's `flat`) without reaching a new
+smallest gradient norm. The point is then a minimiser to the precision of $f$: the solve ends with
 `RESULTS.successful`, and `sol.stats["rounding_floor"]` is `True` to say that the
 gradient test was not met (optimistix's `RESULTS` has no member for this, and a code of
 our own could not pass through `optimistix.minimise`).
@@ -40,10 +44,17 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optimistix as optx
 from equinox import AbstractClassVar, AbstractVar
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar, ScalarLike
 
 from .checks import check_hyperparameter, checked_hyperparameter, shown
 from .line_search import AbstractLineSearch
+
+
+# Accepted steps in a row at the rounding floor of f (see the module docstring) after
+# which the solve stops. A new smallest gradient norm, which the floor's
+# derivative-judged steps keep reaching while the gradient is above its own rounding
+# level, resets the count.
+_STALL = 10
 
 
 _Aux = TypeVar("_Aux")
@@ -54,8 +65,9 @@ class MinimiserState(eqx.Module, Generic[_Aux, _Memory]):
     """State of a deterministic eqx_curv minimiser, at the accepted point.
 
     `memory` is the solver's own part (an inverse Hessian, L-BFGS pairs, a trust
-    radius); `rounding_floor` says that the solve ended because no step could be taken
-    at the rounding floor of $f$.
+    radius); `floor_watch` is `[smallest gradient norm so far, steps at the rounding
+    floor of f without a new smallest one]`, one array so that it costs one kernel; a
+    count of `_STALL` says that the solve ended at the rounding floor.
     """
 
     f: Float[Array, ""]
@@ -64,7 +76,7 @@ class MinimiserState(eqx.Module, Generic[_Aux, _Memory]):
     memory: _Memory
     grad_norm0: Float[Array, ""]
     num_fn_evals: Int[Array, ""]
-    rounding_floor: Bool[Array, ""]
+    floor_watch: Float[Array, " 2"]
     terminate: Bool[Array, ""]
     result: optx.RESULTS
 
@@ -131,10 +143,10 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
     (`eqx.error_if`).
     """
 
-    rtol: AbstractVar[float]
-    atol: AbstractVar[float]
+    rtol: AbstractVar[ScalarLike]
+    atol: AbstractVar[ScalarLike]
     norm: AbstractVar[Callable[[PyTree], Scalar]]
-    step_size: AbstractVar[float | None]
+    step_size: AbstractVar[ScalarLike | None]
     search: AbstractVar[AbstractLineSearch]
     # Whether `direction` is a descent direction wherever it is finite.
     descends: AbstractClassVar[bool]
@@ -228,7 +240,7 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
             memory=self.init_memory(x, grad),
             grad_norm0=grad_norm0,
             num_fn_evals=jnp.array(1),
-            rounding_floor=jnp.array(False),
+            floor_watch=jnp.stack([grad_norm0, jnp.zeros_like(grad_norm0)]),
             terminate=~finite | self._converged(grad, grad_norm0),
             result=optx.RESULTS.where(
                 finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
@@ -270,7 +282,8 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
             # 0, with its value, gradient and aux), so no selection is needed.
             alpha, f, grad, aux = found.alpha, found.f, found.grad, found.aux
             accepted, num_evals = found.accepted, found.num_evals
-            floor = ~accepted & found.rounding_floor
+            flat = found.flat
+            floor = ~accepted & flat
             failure = optx.RESULTS.where(
                 found.result == optx.RESULTS.successful,
                 optx.RESULTS.where(
@@ -282,7 +295,7 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
             alpha = jnp.asarray(self.step_size, x.dtype)
             f, grad, aux = evaluate(x + alpha * p)
             accepted, num_evals = all_finite(f, grad, p), jnp.array(1)
-            floor = jnp.array(False)
+            flat = floor = jnp.array(False)
             failure = optx.RESULTS.nonfinite
             f = jnp.where(accepted, f, state.f)
             grad = jnp.where(accepted, grad, state.grad)
@@ -297,6 +310,17 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
         # The memory is kept where no step was taken.
         memory = where_tree(ok, memory, state.memory)
         aux = where_tree(direction_ok, aux, state.aux)
+        grad_norm = self.norm(grad)
+        best, stalled = state.floor_watch[0], state.floor_watch[1]
+        record = grad_norm < best
+        # A search that stopped at the floor sets the count to its end at once.
+        stalled = jnp.where(
+            direction_ok & floor,
+            _STALL,
+            jnp.where(ok & flat & ~record, stalled + 1, 0),
+        )
+        floor = stalled >= _STALL
+        floor_watch = jnp.stack([jnp.minimum(grad_norm, best), stalled])
         new_state = MinimiserState(
             f=f,
             grad=grad,
@@ -304,8 +328,13 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
             memory=memory,
             grad_norm0=state.grad_norm0,
             num_fn_evals=state.num_fn_evals + num_evals,
-            rounding_floor=direction_ok & floor,
-            terminate=~ok | self._converged(grad, state.grad_norm0),
+            floor_watch=floor_watch,
+            # The smallest gradient norm is this one wherever the test passes (it
+            # failed at every earlier step): reading it from `floor_watch` keeps the
+            # norm in one kernel.
+            terminate=~ok
+            | floor
+            | (floor_watch[0] <= self.atol + self.rtol * state.grad_norm0),
             result=optx.RESULTS.where(ok, optx.RESULTS.successful, failure),
         )
         return unravel(x_new), new_state, aux
@@ -334,6 +363,6 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
     ) -> tuple[PyTree[Array], Any, dict[str, Any]]:
         stats = {
             "num_fn_evals": state.num_fn_evals,
-            "rounding_floor": state.rounding_floor,
+            "rounding_floor": state.floor_watch[1] >= _STALL,
         }
         return y, state.aux, stats

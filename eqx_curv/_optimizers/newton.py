@@ -18,7 +18,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, Float, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar, ScalarLike
 
 from .._operators.damped import DampedOperator
 from .._operators.eigh import EighOperator
@@ -81,10 +81,10 @@ class Newton(AbstractNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
+    step_size: ScalarLike | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
     search: AbstractLineSearch = StrongWolfe()
 
@@ -115,11 +115,11 @@ class DampedNewton(AbstractNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
-    damping: float = 1.0
+    rtol: ScalarLike
+    atol: ScalarLike
+    damping: ScalarLike = 1.0
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
+    step_size: ScalarLike | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
     search: AbstractLineSearch = StrongWolfe()
 
@@ -197,9 +197,9 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
     # fall-back to -grad.
     descends: ClassVar[bool] = False
 
-    initial_radius: eqx.AbstractVar[float]
-    max_radius: eqx.AbstractVar[float]
-    regularisation: eqx.AbstractVar[float]
+    initial_radius: eqx.AbstractVar[ScalarLike]
+    max_radius: eqx.AbstractVar[ScalarLike]
+    regularisation: eqx.AbstractVar[ScalarLike]
 
     def hyperparameter_conditions(self) -> tuple:
         name = type(self).__name__
@@ -326,11 +326,11 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
         [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
-    initial_radius: float = 1.0
-    max_radius: float = 1000.0
-    regularisation: float = 0.3
+    step_size: ScalarLike | None = None
+    initial_radius: ScalarLike = 1.0
+    max_radius: ScalarLike = 1000.0
+    regularisation: ScalarLike = 0.3
     search: AbstractLineSearch = StrongWolfe()

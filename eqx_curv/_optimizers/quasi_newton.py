@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree, Scalar
+from jaxtyping import Array, Float, Int, PyTree, Scalar, ScalarLike
 
 from .checks import shown
 from .line_search import AbstractLineSearch, StrongWolfe
@@ -124,10 +124,10 @@ class BFGS(AbstractBFGS):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: float | None = None
+    step_size: ScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()
 
 
@@ -248,9 +248,9 @@ class LBFGS(AbstractLBFGS):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: float
-    atol: float
+    rtol: ScalarLike
+    atol: ScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     memory_size: int = eqx.field(static=True, default=10)
-    step_size: float | None = None
+    step_size: ScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()
