@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from ._misc import HIGHEST, known_values
+
 
 # As optimistix does: type checkers see a ClassVar, which a subclass's ClassVar may
 # override; at run time Equinox checks that a final class sets it.
@@ -74,16 +76,6 @@ def _check_same_shape(loss: str, outputs, targets) -> None:
             f"`targets` of `{loss}` must be numeric, but have dtype "
             f"{jnp.result_type(targets)}."
         )
-
-
-def _known_values(x) -> np.ndarray | None:
-    """The values of `x` where they are known at trace time (not a tracer), else None."""
-    try:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return None  # lives partly on other hosts: not checkable here
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None  # traced
 
 
 def _sum_event(x: Array) -> Array:
@@ -190,9 +182,8 @@ class AbstractLoss(eqx.Module):
         eigendecomposition per example, so prefer `hessian_sqrt` wherever only
         $S_i S_i^\top = H_i$ matters (Fisher factors, K-FAC). `targets` as in `hvp`.
         """
-        highest = jax.lax.Precision.HIGHEST
         factors = self.hessian_sqrt(outputs, targets=targets)
-        hessians = jnp.matmul(factors, jnp.swapaxes(factors, -1, -2), precision=highest)
+        hessians = jnp.matmul(factors, jnp.swapaxes(factors, -1, -2), precision=HIGHEST)
         # Symmetrise before eigh: the product is symmetric only up to rounding.
         hessians = 0.5 * (hessians + jnp.swapaxes(hessians, -1, -2))
         values, vectors = jnp.linalg.eigh(hessians)
@@ -200,7 +191,7 @@ class AbstractLoss(eqx.Module):
         return jnp.matmul(
             vectors * roots[..., None, :],
             jnp.swapaxes(vectors, -1, -2),
-            precision=highest,
+            precision=HIGHEST,
         )
 
     @abc.abstractmethod
@@ -217,7 +208,7 @@ _NAME = "SoftmaxCrossEntropy"
 
 def _check_labels(labels, classes: int) -> None:
     """Concrete integer labels must lie in [0, classes); traced ones are not seen."""
-    values = _known_values(labels)
+    values = known_values(labels)
     if values is None or values.size == 0:
         return
     low, high = int(values.min()), int(values.max())
@@ -233,7 +224,7 @@ def _check_labels(labels, classes: int) -> None:
 
 def _check_probabilities(probabilities, dtype) -> None:
     """Concrete probability targets must sum to 1 over the class axis."""
-    values = _known_values(probabilities)
+    values = known_values(probabilities)
     if values is None or values.size == 0:
         return
     sums = values.sum(axis=-1)

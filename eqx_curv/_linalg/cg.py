@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
-from .power_iteration import check_scalar
+from .._misc import (
+    check_positive_int,
+    check_scalar,
+    HIGHEST,
+    known_values,
+    tree_all_finite,
+)
 
 
 _CGState: TypeAlias = lx.AbstractLinearOperator
@@ -31,7 +37,7 @@ def _dot(x: PyTree[Array], y: PyTree[Array]) -> Array:
     # tree-shaped too; not measured here.) HIGHEST keeps GPUs from reduced-precision
     # passes.
     parts = [
-        jnp.vdot(a, b, precision=lax.Precision.HIGHEST)
+        jnp.vdot(a, b, precision=HIGHEST)
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
     ]
     return sum(parts[1:], parts[0])
@@ -44,20 +50,6 @@ def _axpy(alpha: Array, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 def _sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jax.tree.map(lambda a, b: a - b, x, y)
-
-
-def _all_finite(tree: PyTree[Array]) -> Array:
-    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
-
-
-def _is_traced(x) -> bool:
-    try:
-        jnp.asarray(x).item()  # a concrete scalar converts; a tracer does not
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return True
-    except Exception:  # not a scalar, not numeric: let `check_scalar` say so
-        return False
-    return False
 
 
 def _structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -180,7 +172,7 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         # (e.g. under `jax.vmap`) is checked at run time by `compute`.
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if not _is_traced(value):
+            if known_values(value) is not None:
                 check_scalar(value, name, fix="; use e.g. `CG(rtol=1e-5, atol=0.0)`")
         for name, what in (
             ("max_steps", "the largest number of steps, or None for 10 n"),
@@ -191,13 +183,8 @@ class CG(lx.AbstractLinearSolver[_CGState]):
             ),
         ):
             value = getattr(self, name)
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
-                raise ValueError(
-                    f"`{name}` must be a positive Python int ({what}), but is "
-                    f"{value!r}."
-                )
+            if value is not None:
+                check_positive_int(value, name, what)
         if (
             isinstance(self.rtol, (int, float))
             and isinstance(self.atol, (int, float))
@@ -262,9 +249,9 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         zero_start = y0 is None
         if zero_start:
             y0 = jax.tree.map(jnp.zeros_like, vector)
-            inputs_finite = _all_finite(vector)
+            inputs_finite = tree_all_finite(vector)
         else:
-            inputs_finite = _all_finite(vector) & _all_finite(y0)
+            inputs_finite = tree_all_finite(vector) & tree_all_finite(y0)
         # Tolerances known at construction were checked there; traced ones here.
         rtol = check_scalar(self.rtol, "rtol")
         atol = check_scalar(self.atol, "atol")

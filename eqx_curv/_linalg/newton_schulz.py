@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from .power_iteration import check_scalar
+from .._misc import check_scalar, HIGHEST, matmul
 from .roots import (
     check_matrix,
     check_max_steps,
@@ -33,7 +33,7 @@ def newton_schulz(
     num_steps: int = 5,
     coefficients: tuple[float, ...] = MUON_COEFFICIENTS,
     eps: float = 1e-7,
-    precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
+    precision: jax.lax.Precision | None = HIGHEST,
 ) -> Float[Array, "*batch m n"]:
     r"""Approximately orthogonalise a matrix: $G = U \Sigma V^\top \mapsto U V^\top$.
 
@@ -174,7 +174,7 @@ def newton_schulz_inverse_sqrt(
     )
 
     def mm(u, v):
-        return jnp.matmul(u, v, precision=jax.lax.Precision.HIGHEST)
+        return matmul(u, v)
 
     def step(state):
         zz, m = state

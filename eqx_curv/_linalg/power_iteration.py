@@ -5,11 +5,9 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from .._misc import check_positive_int, check_scalar, HIGHEST, zeros_from
 
 
 def _structure(tree):
@@ -31,7 +29,7 @@ def _flat_matvec(matrix):
                 "such as a curvature operator (for singular values of a rectangular "
                 "`J`, iterate on `J.T @ J`)."
             )
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
+        zeros = zeros_from(structure)
         flat, unravel = jax.flatten_util.ravel_pytree(zeros)
         if flat.size == 0:
             raise ValueError(
@@ -51,7 +49,7 @@ def _flat_matvec(matrix):
     matrix = check_matrix(matrix)
 
     def matvec(v):
-        return jnp.matmul(matrix, v, precision=_HIGHEST)
+        return jnp.matmul(matrix, v, precision=HIGHEST)
 
     return matvec, matrix.shape[0], matrix.dtype
 
@@ -83,48 +81,6 @@ def check_matrix(matrix, name="matrix"):
             "it with `.astype(jnp.float32)`."
         )
     return matrix
-
-
-def check_scalar(value, name, *, allow_zero=True, fix=""):
-    """A finite, non-negative (or positive) real scalar.
-
-    A Python number or a concrete array is checked now (a `TypeError` or `ValueError`
-    naming `name`); a traced one is returned with an `eqx.error_if` check attached.
-    `fix` ends the message (e.g. `"; use e.g. 1e-6"`).
-    """
-    is_real_array = hasattr(value, "dtype") and (
-        jnp.issubdtype(value.dtype, jnp.floating)
-        or jnp.issubdtype(value.dtype, jnp.integer)
-    )
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) or is_real_array
-    ):
-        raise TypeError(f"`{name}` must be a real number, not {value!r}{fix}.")
-    if jnp.shape(value) != ():
-        raise ValueError(
-            f"`{name}` must be a scalar, but has shape {jnp.shape(value)}{fix}."
-        )
-    bound = "non-negative" if allow_zero else "positive"
-
-    def bad(x):
-        return ~((x > 0) | (allow_zero & (x == 0))) | (x == np.inf)
-
-    if isinstance(value, (int, float)):
-        concrete = value
-    else:
-        try:
-            concrete = float(np.asarray(value))
-        except (
-            jax.errors.ConcretizationTypeError,
-            jax.errors.TracerArrayConversionError,
-        ):
-            message = f"`{name}` must be a finite {bound} number{fix}."
-            return eqx.error_if(value, bad(value), message)
-    if bad(np.float64(concrete)):
-        raise ValueError(
-            f"`{name}` must be a finite {bound} number, but is {concrete!r}{fix}."
-        )
-    return value
 
 
 class PowerIterationResult(eqx.Module):
@@ -195,10 +151,7 @@ def power_iteration(
     A [`eqx_curv.PowerIterationResult`][] with `eigenvalue`, `eigenvector`,
     `residual`, `num_steps` and `converged`.
     """
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(
-            f"`max_steps` must be a positive Python int, but is {max_steps!r}."
-        )
+    check_positive_int(max_steps, "max_steps")
     matvec, n, dtype = _flat_matvec(matrix)
     if rtol is None:
         rtol = float(jnp.finfo(dtype).eps) ** 0.5
@@ -211,7 +164,7 @@ def power_iteration(
 
     def evaluate(v):
         w = matvec(v)
-        lam = jnp.vdot(v, w, precision=_HIGHEST)
+        lam = jnp.vdot(v, w, precision=HIGHEST)
         residual = jnp.linalg.norm(w - lam * v)
         return w, lam, residual, residual <= tol * jnp.abs(lam)
 

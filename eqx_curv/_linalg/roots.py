@@ -11,32 +11,25 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
-from .power_iteration import (
-    check_matrix as check_matrix,
-    check_scalar,
-    power_iteration,
-)
+from .._misc import check_positive_int, check_scalar, HIGHEST, matmul
+from .power_iteration import check_matrix as check_matrix, power_iteration
 
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _binary_power(base, p: int, multiply):
+def _binary_power(base: Array, p: int, multiply) -> Array:
     """`base` to the power `p` under the associative product `multiply`."""
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"`p` must be a Python int >= 1, but is {p!r}.")
-    result = None
-    while True:
-        if p & 1:
-            result = base if result is None else multiply(result, base)
-        p >>= 1
-        if not p:
-            return result
+    check_positive_int(p, "p")
+    # The lowest set bit of p starts the product; later bits multiply into it.
+    while not p & 1:
         base = multiply(base, base)
+        p >>= 1
+    result = base
+    p >>= 1
+    while p:
+        base = multiply(base, base)
+        if p & 1:
+            result = multiply(result, base)
+        p >>= 1
+    return result
 
 
 def matrix_power(matrix: Float[ArrayLike, "n n"], p: int) -> Float[Array, "n n"]:
@@ -54,7 +47,7 @@ def matrix_power(matrix: Float[ArrayLike, "n n"], p: int) -> Float[Array, "n n"]
 
     $M^p$, as a JAX array of `matrix`'s dtype.
     """
-    return _binary_power(check_matrix(matrix), p, _mm)
+    return _binary_power(check_matrix(matrix), p, matmul)
 
 
 def power_minus_identity(
@@ -78,7 +71,7 @@ def power_minus_identity(
     $(I + E)^p - I$, as a JAX array of `excess`'s dtype.
     """
     excess = check_matrix(excess, "excess")
-    return _binary_power(excess, p, lambda u, v: u + v + _mm(u, v))
+    return _binary_power(excess, p, lambda u, v: u + v + matmul(u, v))
 
 
 class InverseRootResult(eqx.Module):
@@ -151,16 +144,16 @@ def iterate_to_rounding(
     return best, best_err, steps
 
 
-def default_tolerances(dtype, n, tolerance, fallback_tolerance):
+def default_tolerances(
+    dtype, n: int, tolerance: float | None, fallback_tolerance: float | None
+) -> tuple[float, float]:
     # The Frobenius residual of these iterations bottoms out near p * eps * sqrt(n);
     # stopping at eps * sqrt(n) is at that level, and accepting up to
     # sqrt(eps) * sqrt(n) / 10 leaves a factor of about 1 / (3 p sqrt(eps)) of margin.
     eps = float(jnp.finfo(dtype).eps)
-    if tolerance is None:
-        tolerance = eps * n**0.5
-    if fallback_tolerance is None:
-        fallback_tolerance = (eps * n) ** 0.5 / 10
-    return tolerance, fallback_tolerance
+    stop = eps * n**0.5 if tolerance is None else tolerance
+    accept = (eps * n) ** 0.5 / 10 if fallback_tolerance is None else fallback_tolerance
+    return stop, accept
 
 
 def compute_dtype(dtype):
@@ -204,7 +197,7 @@ def ridge_and_scale(matrix, p, ridge_epsilon, power_iteration_steps, key):
         jax.lax.stop_gradient(matrix), key, max_steps=power_iteration_steps
     )
     v = jax.lax.stop_gradient(estimate.eigenvector)
-    lam_max = jnp.abs(jnp.vdot(v, _mm(matrix, v[:, None])[:, 0], precision=_HIGHEST))
+    lam_max = jnp.abs(jnp.vdot(v, matmul(matrix, v[:, None])[:, 0], precision=HIGHEST))
     if not isinstance(ridge_epsilon, (int, float)):
         ridge_epsilon = ridge_epsilon.astype(dtype)
     ridge = ridge_epsilon * lam_max
@@ -257,8 +250,8 @@ def _with_root_derivative_jvp(p, eigh_dtype, primals, tangents):
     k = _inverse_root_divided_differences(w, p)
     d = d_ridged.astype(eigh_dtype)
     d = 0.5 * (d + d.T)
-    inner = _mm(_mm(q.T, d), q)
-    d_root = _mm(_mm(q, k * inner), q.T)
+    inner = matmul(matmul(q.T, d), q)
+    d_root = matmul(matmul(q, k * inner), q.T)
     return root, d_root.astype(root.dtype)
 
 
@@ -270,10 +263,7 @@ def eigh_dtype_for(dtype, in_float64: bool):
 
 
 def check_max_steps(max_steps):
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(
-            f"`max_steps` must be a positive Python int, but is {max_steps!r}."
-        )
+    check_positive_int(max_steps, "max_steps")
 
 
 def check_tolerances(tolerance, fallback_tolerance):
@@ -286,11 +276,7 @@ def check_tolerances(tolerance, fallback_tolerance):
 
 
 def _check_p(p):
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(
-            f"`p` must be a Python int >= 1 (the root's order, static under jit), but "
-            f"is {p!r}."
-        )
+    check_positive_int(p, "p", "the root's order, static under jit")
 
 
 def eigh_inverse_pth_root(
@@ -309,7 +295,7 @@ def eigh_inverse_pth_root(
     w, q = jnp.linalg.eigh(sym)
     positive = w[0] > 0
     scale = jnp.where(w > 0, w, jnp.nan) ** (-1.0 / p)
-    return _mm(q * scale[None, :], q.T).astype(dtype), positive
+    return matmul(q * scale[None, :], q.T).astype(dtype), positive
 
 
 def inverse_pth_root(
@@ -427,7 +413,7 @@ def inverse_pth_root(
         # carry their own rounding only (not that of a product with I).
         x, m = state
         d = (identity - m) / p
-        return x + _mm(x, d), m + _mm(power_minus_identity(d, p), m)
+        return x + matmul(x, d), m + matmul(power_minus_identity(d, p), m)
 
     (x, _), err, steps = iterate_to_rounding(
         newton_step,

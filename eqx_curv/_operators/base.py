@@ -19,6 +19,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._misc import check_scalar, zeros_from
+
 
 def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     return jax.tree.map(
@@ -99,14 +101,6 @@ def check_inexact_params(params: PyTree, name: str = "params") -> None:
             )
 
 
-def concrete_value(x) -> float | None:
-    """The value of a scalar known at trace time, or `None` for a tracer."""
-    try:
-        return float(np.asarray(x))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
 def check_damping(damping) -> Array:
     """A finite, non-negative real scalar damping, as an array.
 
@@ -114,8 +108,6 @@ def check_damping(damping) -> Array:
     one known at trace time a `ValueError`; a traced one is checked at run time
     (`eqx.error_if`).
     """
-    from .._linalg.power_iteration import check_scalar  # no cycle: _linalg is leaf
-
     damping = check_scalar(
         damping,
         "damping",
@@ -130,14 +122,6 @@ def as_tags(tags: object | Iterable[object]) -> frozenset[object]:
         return frozenset(iter(tags))  # pyright: ignore  # a single tag is not iterable
     except TypeError:
         return frozenset([tags])
-
-
-def concrete_array(x) -> np.ndarray | None:
-    """The value of an array known at trace time, or `None` for a tracer."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def spectrum_tolerance(values: np.ndarray, size: int) -> float:
@@ -223,7 +207,7 @@ def transpose_of(operator: AbstractCurvatureOperator) -> lx.AbstractLinearOperat
 
 @eqx.filter_jit
 def _as_matrix(operator: AbstractCurvatureOperator) -> Array:
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), operator.in_structure())
+    zeros = zeros_from(operator.in_structure())
     flat, unravel = jax.flatten_util.ravel_pytree(zeros)
     basis = jnp.eye(flat.size, dtype=flat.dtype)
 

@@ -71,7 +71,7 @@ class BlockDiagonalOperator(AbstractCurvatureOperator):
         )
 
     @property
-    def tags(self) -> frozenset[object]:
+    def tags(self) -> frozenset[object]:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property may implement an `eqx.AbstractVar`
         # Symmetric because every block is (checked above); PSD when every block is.
         leaves = jax.tree.leaves(self.blocks, is_leaf=_is_operator)
         if all(lx.is_positive_semidefinite(leaf) for leaf in leaves):

@@ -56,7 +56,7 @@ class DampedOperator(AbstractCurvatureOperator):
         return self.operator.in_structure()
 
     @property
-    def tags(self) -> frozenset[object]:
+    def tags(self) -> frozenset[object]:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property may implement an `eqx.AbstractVar`
         # Symmetric because `A` is (checked above); PSD when `A` is and damping >= 0
         # (a damping known to be negative is rejected; a traced one is promised).
         if lx.is_positive_semidefinite(self.operator):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from .._misc import check_positive_int, zeros_from
+
 
 def _check_square(operator, name: str) -> None:
     if not isinstance(operator, lx.AbstractLinearOperator):
@@ -26,10 +28,6 @@ def _check_square(operator, name: str) -> None:
             f"`{name}` needs a square operator whose input and output structures "
             "agree; this one maps between different structures."
         )
-
-
-def _zeros(structure):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
 
 
 def exact_diagonal(
@@ -52,7 +50,7 @@ def exact_diagonal(
     """
     _check_square(operator, "exact_diagonal")
     operator = lx.linearise(operator)
-    flat, unravel = jax.flatten_util.ravel_pytree(_zeros(operator.in_structure()))
+    flat, unravel = jax.flatten_util.ravel_pytree(zeros_from(operator.in_structure()))
     size = flat.size
 
     def entry(j):
@@ -90,12 +88,7 @@ def hutchinson_diagonal(
     A PyTree with the structure of `operator.in_structure()`.
     """
     _check_square(operator, "hutchinson_diagonal")
-    if isinstance(num_samples, bool) or not (
-        isinstance(num_samples, int) and num_samples >= 1
-    ):
-        raise ValueError(
-            f"`num_samples` must be a positive Python int, got {num_samples!r}."
-        )
+    check_positive_int(num_samples, "num_samples", "the number of probes")
     operator = lx.linearise(operator)
     structure = operator.in_structure()
     leaves, treedef = jax.tree.flatten(structure)

@@ -10,10 +10,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from .base import AbstractCurvatureOperator, as_tags, check_damping, concrete_value
-
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from .._misc import known_values, matmul
+from .base import AbstractCurvatureOperator, as_tags, check_damping
 
 
 def _flat_structure(structure):
@@ -147,16 +145,16 @@ class EighOperator(AbstractCurvatureOperator):
                     f"`structure` must hold {n} entries in all (one per eigenvalue), "
                     f"but holds {_flat_size(structure)}."
                 )
-        self.eigenvalues = eigenvalues
-        self.eigenvectors = eigenvectors
+        self.eigenvalues = jnp.asarray(eigenvalues)
+        self.eigenvectors = jnp.asarray(eigenvectors)
         self.flat_structure = _flat_structure(structure)
         self.tags = tags
 
     def _mv(self, vector):
         flat, unravel = jax.flatten_util.ravel_pytree(vector)
         q = self.eigenvectors
-        coefficients = jnp.matmul(q.T, flat, precision=_HIGHEST)
-        out = jnp.matmul(q, self.eigenvalues * coefficients, precision=_HIGHEST)
+        coefficients = matmul(q.T, flat)
+        out = matmul(q, self.eigenvalues * coefficients)
         return unravel(out.astype(flat.dtype))
 
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
@@ -234,7 +232,7 @@ class EighOperator(AbstractCurvatureOperator):
         w = self.eigenvalues
         if rtol is None:
             rtol = w.shape[0] * float(jnp.finfo(w.dtype).eps)
-        elif concrete_value(rtol) is not None and not rtol >= 0:
+        elif known_values(rtol) is not None and not rtol >= 0:
             raise ValueError(f"`rtol` must be non-negative, but is {rtol}.")
         keep = jnp.abs(w) > rtol * jnp.max(jnp.abs(w))
         psd = lx.positive_semidefinite_tag in self.tags
@@ -248,4 +246,4 @@ class EighOperator(AbstractCurvatureOperator):
 @lx.diagonal.register(EighOperator)
 def _(operator):
     q = operator.eigenvectors
-    return jnp.matmul(q**2, operator.eigenvalues, precision=_HIGHEST)
+    return matmul(q**2, operator.eigenvalues)

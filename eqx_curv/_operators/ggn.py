@@ -30,6 +30,7 @@ import lineax as lx
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._losses import AbstractLoss
+from .._misc import check_positive_int
 from .base import (
     AbstractCurvatureOperator,
     check_inexact_params,
@@ -321,7 +322,7 @@ class _AbstractOutputSpaceOperator(AbstractCurvatureOperator):
         return structure_of(self.batched.params)
 
     @property
-    def tags(self) -> frozenset[object]:
+    def tags(self) -> frozenset[object]:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property may implement an `eqx.AbstractVar`
         # J^T M J with M positive semidefinite: known by construction.
         return frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
 
@@ -453,12 +454,7 @@ class FisherOperator(_AbstractOutputSpaceOperator):
         state: PyTree | None = None,
     ):
         batched, _ = _batched_model(model, loss, inputs, model_key, state, filter_spec)
-        if isinstance(num_samples, bool) or not (
-            isinstance(num_samples, int) and num_samples >= 1
-        ):
-            raise ValueError(
-                f"`num_samples` must be a positive Python int, got {num_samples!r}."
-            )
+        check_positive_int(num_samples, "num_samples", "targets drawn per example")
         if key is None and loss.hessian_depends_on_targets:
             raise ValueError(
                 f"The exact Fisher (`key=None`) of `{type(loss).__name__}` is not its "

@@ -66,7 +66,7 @@ class HessianOperator(AbstractCurvatureOperator):
         return structure_of(self.params)
 
     @property
-    def tags(self) -> frozenset[object]:
+    def tags(self) -> frozenset[object]:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property may implement an `eqx.AbstractVar`
         # Symmetric; in general indefinite, so no semidefinite tag.
         return frozenset([lx.symmetric_tag])
 

@@ -22,24 +22,19 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
+from .._misc import known_values, matmul
 from .base import (
     AbstractCurvatureOperator,
     as_tags,
     check_damping,
-    concrete_array,
     is_concretely_symmetric,
     spectrum_tolerance,
     transpose_of,
 )
 
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 # Above this size a PSD tag is checked on the factor's diagonal only, not its spectrum.
 _EIGVALSH_CHECK_SIZE = 512
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
 
 
 def _check_factor(factor, name: str) -> Array:
@@ -83,12 +78,13 @@ def _kronecker_tags(left, right, tags: frozenset[object]) -> frozenset[object]:
     up to rounding give the symmetric tag; concrete factors that contradict a given
     tag are an error. Traced factors cannot be checked: their tags are the caller's.
     """
-    concrete = {"left": concrete_array(left), "right": concrete_array(right)}
+    left_value, right_value = known_values(left), known_values(right)
     psd = lx.positive_semidefinite_tag in tags
     if psd:
         tags = tags | {lx.symmetric_tag}
-    if any(v is None for v in concrete.values()):
+    if left_value is None or right_value is None:
         return tags
+    concrete = {"left": left_value, "right": right_value}
     symmetric = all(is_concretely_symmetric(v) for v in concrete.values())
     if lx.symmetric_tag in tags and not symmetric:
         name = next(k for k, v in concrete.items() if not is_concretely_symmetric(v))
@@ -118,7 +114,7 @@ def _factor_eigh(factor, psd: bool):
 
 def _spectral(factor, fn, psd: bool):
     w, q = _factor_eigh(factor, psd)
-    return _mm(q * fn(w)[None, :], q.T)
+    return matmul(q * fn(w)[None, :], q.T)
 
 
 def _require_symmetric(operator, what: str) -> None:
@@ -184,7 +180,7 @@ class KroneckerOperator(AbstractCurvatureOperator):
         self.tags = _kronecker_tags(left, right, as_tags(tags))
 
     def _mv(self, vector):
-        return _mm(_mm(self.left, vector), self.right.T)
+        return matmul(matmul(self.left, vector), self.right.T)
 
     def in_structure(self):
         return jax.ShapeDtypeStruct(
@@ -222,13 +218,15 @@ class KroneckerOperator(AbstractCurvatureOperator):
 
             return KroneckerOperator(fn(self.left), fn(self.right))
         power = q if q is not None else exponent
-        fn = lambda w: w**power  # noqa: E731
+        spectral_fn = lambda w: w**power  # noqa: E731
         even = q is not None and q % 2 == 0
         tags = [lx.symmetric_tag]
         if psd or even:
             tags.append(lx.positive_semidefinite_tag)
         return KroneckerOperator(
-            _spectral(self.left, fn, psd), _spectral(self.right, fn, psd), tags=tags
+            _spectral(self.left, spectral_fn, psd),
+            _spectral(self.right, spectral_fn, psd),
+            tags=tags,
         )
 
     def inverse(self) -> "KroneckerOperator":
@@ -357,7 +355,7 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
             )
         eigenvalues = jnp.asarray(eigenvalues, left_vectors.dtype)
         tags = as_tags(tags) | {lx.symmetric_tag}
-        value = concrete_array(eigenvalues)
+        value = known_values(eigenvalues)
         if (
             lx.positive_semidefinite_tag in tags
             and value is not None
@@ -375,8 +373,8 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
 
     def _mv(self, vector):
         qa, qb = self.left_vectors, self.right_vectors
-        rotated = _mm(_mm(qa.T, vector), qb) * self.eigenvalues
-        return _mm(_mm(qa, rotated), qb.T)
+        rotated = matmul(matmul(qa.T, vector), qb) * self.eigenvalues
+        return matmul(matmul(qa, rotated), qb.T)
 
     def in_structure(self):
         return jax.ShapeDtypeStruct(self.eigenvalues.shape, self.eigenvalues.dtype)
@@ -406,4 +404,4 @@ def _(operator):
 def _(operator):
     # diag_{(i,j)} = sum_{k,l} Qa[i,k]^2 Qb[j,l]^2 S[k,l]
     qa2, qb2 = operator.left_vectors**2, operator.right_vectors**2
-    return _mm(_mm(qa2, operator.eigenvalues), qb2.T).ravel()
+    return matmul(matmul(qa2, operator.eigenvalues), qb2.T).ravel()

@@ -15,16 +15,13 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from .._misc import known_values, matmul, zeros_from
 from .base import (
     AbstractCurvatureOperator,
     as_tags,
-    concrete_array,
     is_concretely_symmetric,
     spectrum_tolerance,
 )
-
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _flat_size(structure) -> int:
@@ -98,9 +95,9 @@ class WoodburyOperator(AbstractCurvatureOperator):
         if jax.tree.structure(diagonal) == jax.tree.structure(0.0) and (
             jnp.ndim(diagonal) == 0
         ):
-            value = jnp.asarray(diagonal)
+            scalar = jnp.asarray(diagonal)
             diagonal = jax.tree.map(
-                lambda s: jnp.full(s.shape, value, s.dtype), structure
+                lambda s: jnp.full(s.shape, scalar, s.dtype), structure
             )
         else:
             if jax.tree.structure(diagonal) != jax.tree.structure(structure):
@@ -123,7 +120,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
                     f"`core` must have shape ({k}, {k}) (the flattened input size of "
                     f"`factor`), but has shape {core.shape}."
                 )
-            value = concrete_array(core)
+            value = known_values(core)
             if value is not None and not is_concretely_symmetric(value):
                 raise ValueError(
                     "`core` must be symmetric (the operator is D + V S V^T with a "
@@ -142,9 +139,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
         flat_in, unravel_in = jax.flatten_util.ravel_pytree(
             self.factor.transpose().mv(vector)
         )
-        return self.factor.mv(
-            unravel_in(jnp.matmul(self.core, flat_in, precision=_HIGHEST))
-        )
+        return self.factor.mv(unravel_in(matmul(self.core, flat_in)))
 
     def _mv(self, vector):
         return jax.tree.map(
@@ -169,9 +164,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
             lambda u: jax.tree.map(lambda a, b: a * b, inv_d, factor.mv(u)),
             factor.in_structure(),
         )
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), factor.in_structure()
-        )
+        zeros = zeros_from(factor.in_structure())
         flat, unravel = jax.flatten_util.ravel_pytree(zeros)
         k = flat.size
 
@@ -183,9 +176,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
         gram = 0.5 * (gram + gram.T)
         s = self.core
         # S (I + G S)^{-1} is symmetric; (I + S G)^{-1} S is the same matrix.
-        capacitance = jnp.eye(k, dtype=s.dtype) + jnp.matmul(
-            s, gram, precision=_HIGHEST
-        )
+        capacitance = jnp.eye(k, dtype=s.dtype) + matmul(s, gram)
         middle = jnp.linalg.solve(capacitance, s)
         middle = 0.5 * (middle + middle.T)
         return WoodburyOperator(inv_d, scaled, -middle)
@@ -194,7 +185,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
 def _check_psd_promise(diagonal, core) -> None:
     """Under a PSD tag: no concrete negative entry of $D$, no concrete non-PSD $S$."""
     for leaf in jax.tree.leaves(diagonal):
-        value = concrete_array(leaf)
+        value = known_values(leaf)
         if value is not None and value.size and float(value.min()) < 0:
             raise ValueError(
                 f"`diagonal` has the entry {float(value.min()):.3g}, but the operator "
@@ -202,7 +193,7 @@ def _check_psd_promise(diagonal, core) -> None:
                 "non-negative diagonal (and a PSD `core`). Drop the tag, or use a "
                 "non-negative diagonal (damping)."
             )
-    value = concrete_array(core)
+    value = known_values(core)
     if value is not None:
         w = np.linalg.eigvalsh(value)
         if float(w.min()) < -spectrum_tolerance(w, w.size):

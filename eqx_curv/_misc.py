@@ -1,0 +1,95 @@
+"""Small helpers shared across eqx_curv: precision, products, PyTree zeros, argument checks.
+
+Argument checks follow one rule: a value known at trace time (a Python number, a NumPy
+array, a JAX array outside `jax.jit`) is checked now and a bad one raises a sentence
+naming the argument; a traced value is checked at run time with `eqx.error_if`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, PyTree
+
+
+# GPUs otherwise run float32 matrix products in reduced-precision passes.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def matmul(a: ArrayLike, b: ArrayLike) -> Array:
+    """`a @ b` at `Precision.HIGHEST`."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def zeros_from(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
+    """Zeros with the shapes and dtypes of a PyTree of `jax.ShapeDtypeStruct`s."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
+
+
+def tree_all_finite(tree: PyTree[ArrayLike]) -> Bool[Array, ""]:
+    """Whether every entry of every leaf is finite (one boolean scalar)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
+def known_values(x) -> np.ndarray | None:
+    """The values of `x` where they are known at trace time, else `None` (a tracer).
+
+    Arrays that live partly on other hosts are not checkable here either.
+    """
+    try:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def check_positive_int(value, name: str, what: str = "") -> int:
+    """A Python int >= 1 (not a `bool`, which is an int to Python); else a sentence.
+
+    `what` says what the argument is, e.g. `"the number of probes"`.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = f" ({what})" if what else ""
+        raise ValueError(
+            f"`{name}` must be a positive Python int{what}, but is {value!r}."
+        )
+    return value
+
+
+def check_scalar(value, name: str, *, allow_zero: bool = True, fix: str = ""):
+    """A finite, non-negative (or positive) real scalar.
+
+    A value known at trace time is checked now (a `TypeError` or `ValueError` naming
+    `name`); a traced one is returned with an `eqx.error_if` check attached. `fix` ends
+    the message (e.g. `"; use e.g. 1e-6"`).
+    """
+    is_real_array = hasattr(value, "dtype") and (
+        jnp.issubdtype(value.dtype, jnp.floating)
+        or jnp.issubdtype(value.dtype, jnp.integer)
+    )
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) or is_real_array
+    ):
+        raise TypeError(f"`{name}` must be a real number, not {value!r}{fix}.")
+    if jnp.shape(value) != ():
+        raise ValueError(
+            f"`{name}` must be a scalar, but has shape {jnp.shape(value)}{fix}."
+        )
+    bound = "non-negative" if allow_zero else "positive"
+
+    def bad(x):
+        return ~((x > 0) | (allow_zero & (x == 0))) | (x == np.inf)
+
+    concrete = known_values(value)
+    if concrete is None:
+        message = f"`{name}` must be a finite {bound} number{fix}."
+        return eqx.error_if(value, bad(value), message)
+    if bad(np.float64(concrete)):
+        raise ValueError(
+            f"`{name}` must be a finite {bound} number, but is {concrete.item()!r}{fix}."
+        )
+    return value
