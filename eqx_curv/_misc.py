@@ -5,11 +5,25 @@ array, a JAX array outside `jax.jit`) is checked now and a bad one raises a sent
 naming the argument; a traced value is checked at run time with `eqx.error_if`.
 """
 
+from typing import TYPE_CHECKING, TypeAlias
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, PyTree
+from jaxtyping import Array, ArrayLike, Bool, PyTree, ScalarLike
+
+
+if TYPE_CHECKING:
+    # For the type checker: a real number, or an array holding one (which may be
+    # traced). jaxtyping's `ScalarLike` includes `complex`, which has no order.
+    RealScalarLike: TypeAlias = (
+        bool | int | float | Array | np.ndarray | np.floating | np.integer
+    )
+else:
+    # At run time (jaxtyping's checks under pytest) anything array-like passes, so a
+    # bad value reaches the sentence that names it.
+    RealScalarLike = ScalarLike
 
 
 # GPUs otherwise run float32 matrix products in reduced-precision passes.
@@ -93,3 +107,37 @@ def check_scalar(value, name: str, *, allow_zero: bool = True, fix: str = ""):
             f"`{name}` must be a finite {bound} number, but is {concrete.item()!r}{fix}."
         )
     return value
+
+
+def is_traced(x) -> bool:
+    """Whether `x` is an array whose value is not known at trace time."""
+    return isinstance(x, jax.Array) and known_values(x) is None
+
+
+def check_hyperparameter(ok, message: str) -> None:
+    """Raise `ValueError(message)` where `ok` is a condition known false at trace time.
+
+    Conditions on traced hyperparameters are left to `checked_hyperparameter`, since
+    their value is known only at run time.
+    """
+    if isinstance(ok, bool | np.bool_) or (
+        isinstance(ok, jax.Array) and not is_traced(ok)
+    ):
+        if not bool(ok):
+            raise ValueError(message)
+
+
+def checked_hyperparameter(value, ok, message: str):
+    """`value`, carrying a run-time check (`eqx.error_if`) of `ok` where it is traced.
+
+    Conditions known at trace time were judged by `check_hyperparameter`, so the common
+    case, hyperparameters given as Python numbers, costs nothing at run time.
+    """
+    if is_traced(ok):
+        return eqx.error_if(value, ~ok, message)
+    return value
+
+
+def shown(value) -> str:
+    """`value` for an error message: a traced value has no number to show."""
+    return "a traced value" if is_traced(value) else repr(value)

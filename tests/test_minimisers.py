@@ -1,5 +1,8 @@
 """The deterministic minimisers: interface, algebra, convergence budgets, bad input."""
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
@@ -265,17 +268,34 @@ def test_newton_reports_a_failed_linear_solve(fn):
         assert damped.result == optx.RESULTS.successful
 
 
-class _AscendingBFGS(eqx_curv.BFGS):
-    # Breaks the contract `descends = True` states, to show what then happens.
+class _Ascending(eqx_curv.AbstractLineSearchMinimiser):
+    # Breaks the contract `descends = True` states (it steps along +grad), to show what
+    # then happens. Built on the abstract base, as a user's own solver would be.
+    rtol: float
+    atol: float
+    norm: Callable = optx.max_norm
+    step_size: float | None = None
+    search: eqx_curv.AbstractLineSearch = eqx_curv.StrongWolfe()
+    descends: ClassVar[bool] = True
+
+    def hyperparameter_conditions(self):
+        return ()
+
+    def init_memory(self, x, grad):
+        return None
+
     def direction(self, value_fn, x, state):
         return state.grad, jnp.ones((), x.dtype), state.memory, optx.RESULTS.successful
+
+    def update_memory(self, memory, s, y, alpha, decrease):
+        return memory
 
 
 def test_a_direction_that_should_descend_but_does_not_stops_the_solve():
     # Solvers whose directions descend by construction skip the fall-back to -grad; if
     # one still does not descend, the solve stops with a failure at the last point.
     z0 = jnp.array([0.1, 0.5])
-    solver = _AscendingBFGS(rtol=0.0, atol=1e-9)
+    solver = _Ascending(rtol=0.0, atol=1e-9)
     assert solver.descends and not eqx_curv.Newton(rtol=0.0, atol=1e-9).descends
     sol = optx.minimise(
         lambda z, _: jnp.sum((z - 1.0) ** 2), solver, z0, max_steps=5, throw=False

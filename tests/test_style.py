@@ -185,3 +185,39 @@ def test_checkers_catch_violations():
     assert final_problems(Sub) and final_problems(SolverSubclass)
     assert override_problems(Overrider)
     assert len(call_problems(Caller)) == 2
+
+
+def subclassed_final_classes(source: str) -> list[str]:
+    """Classes in `source` that inherit from a concrete (final) eqx_curv class."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for base in node.bases:
+            if (
+                isinstance(base, ast.Attribute)
+                and isinstance(base.value, ast.Name)
+                and base.value.id == "eqx_curv"
+            ):
+                cls = getattr(eqx_curv, base.attr, None)
+                if isinstance(cls, type) and not _is_abstract(cls):
+                    problems.append(
+                        f"{node.name} subclasses final eqx_curv.{base.attr}"
+                    )
+    return problems
+
+
+def test_no_test_subclasses_a_final_class():
+    import pathlib
+
+    problems = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        problems += [
+            f"{path.name}: {p}" for p in subclassed_final_classes(path.read_text())
+        ]
+    assert not problems, problems
+    # The checker itself catches one.
+    assert subclassed_final_classes("class X(eqx_curv.BFGS): pass") == [
+        "X subclasses final eqx_curv.BFGS"
+    ]
+    assert subclassed_final_classes("class X(eqx_curv.AbstractLoss): pass") == []

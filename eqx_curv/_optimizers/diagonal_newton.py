@@ -6,11 +6,11 @@ from typing import ClassVar
 import equinox as eqx
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import PyTree, Scalar, ScalarLike
+from jaxtyping import PyTree, Scalar
 
+from .._misc import RealScalarLike, shown
 from .._operators.diagonal import exact_diagonal
 from .._operators.hessian import HessianOperator
-from .checks import shown
 from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import AbstractLineSearchMinimiser, MinimiserState
 
@@ -21,7 +21,7 @@ class AbstractDiagonalNewton(AbstractLineSearchMinimiser):
     # |h_ii| may be non-finite where the gradient is finite: keep the fall-back.
     descends: ClassVar[bool] = False
 
-    min_curvature: eqx.AbstractVar[ScalarLike]
+    min_curvature: eqx.AbstractVar[RealScalarLike]
 
     def hyperparameter_conditions(self) -> tuple:
         delta = self.min_curvature
@@ -71,9 +71,9 @@ class DiagonalNewton(AbstractDiagonalNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
-    min_curvature: ScalarLike = 1e-3
+    step_size: RealScalarLike | None = None
+    min_curvature: RealScalarLike = 1e-3
     search: AbstractLineSearch = StrongWolfe()

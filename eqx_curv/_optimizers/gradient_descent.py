@@ -6,8 +6,9 @@ from typing import ClassVar
 import equinox as eqx
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, PyTree, Scalar, ScalarLike
+from jaxtyping import Array, Float, PyTree, Scalar
 
+from .._misc import RealScalarLike
 from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import AbstractLineSearchMinimiser, MinimiserState, unit_step
 
@@ -55,8 +56,8 @@ class GradientDescent(AbstractGradientDescent):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
+    step_size: RealScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()

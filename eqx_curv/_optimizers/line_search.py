@@ -47,9 +47,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int, PyTree, ScalarLike
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .checks import check_hyperparameter, checked_hyperparameter, shown
+from .._misc import check_hyperparameter, checked_hyperparameter, RealScalarLike, shown
 
 
 class _Trial(eqx.Module):
@@ -196,11 +196,11 @@ class StrongWolfe(AbstractLineSearch):
         derivative, not by $f$.
     """
 
-    c1: ScalarLike = 1e-4
-    c2: ScalarLike = 0.9
+    c1: RealScalarLike = 1e-4
+    c2: RealScalarLike = 0.9
     max_evals: int = eqx.field(static=True, default=30)
-    max_step: ScalarLike = 1e10
-    rounding: ScalarLike = 4.0
+    max_step: RealScalarLike = 1e10
+    rounding: RealScalarLike = 4.0
 
     def __check_init__(self):
         c1, c2 = self.c1, self.c2

@@ -36,18 +36,31 @@ our own could not pass through `optimistix.minimise`).
 
 import abc
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TYPE_CHECKING, TypeVar
 
 import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import optimistix as optx
-from equinox import AbstractClassVar, AbstractVar
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar, ScalarLike
+from equinox import AbstractVar
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
 
-from .checks import check_hyperparameter, checked_hyperparameter, shown
+from .._misc import (
+    check_hyperparameter,
+    checked_hyperparameter,
+    RealScalarLike,
+    shown,
+)
 from .line_search import AbstractLineSearch
+
+
+# As optimistix does: type checkers see a ClassVar, which a subclass's ClassVar may
+# override; at run time Equinox checks that a final class sets it.
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 # Accepted steps in a row at the rounding floor of f (see the module docstring) after
@@ -143,10 +156,12 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
     (`eqx.error_if`).
     """
 
-    rtol: AbstractVar[ScalarLike]
-    atol: AbstractVar[ScalarLike]
+    # optimistix annotates these `float`; ours may also be traced arrays (checked at
+    # run time), as `jax.vmap` over a tolerance needs.
+    rtol: AbstractVar[RealScalarLike]  # pyright: ignore[reportIncompatibleVariableOverride]
+    atol: AbstractVar[RealScalarLike]  # pyright: ignore[reportIncompatibleVariableOverride]
     norm: AbstractVar[Callable[[PyTree], Scalar]]
-    step_size: AbstractVar[ScalarLike | None]
+    step_size: AbstractVar[RealScalarLike | None]
     search: AbstractVar[AbstractLineSearch]
     # Whether `direction` is a descent direction wherever it is finite.
     descends: AbstractClassVar[bool]

@@ -18,12 +18,12 @@ import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, Float, PyTree, Scalar, ScalarLike
+from jaxtyping import Array, Float, PyTree, Scalar
 
+from .._misc import RealScalarLike, shown
 from .._operators.damped import DampedOperator
 from .._operators.eigh import EighOperator
 from .._operators.hessian import HessianOperator
-from .checks import shown
 from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import AbstractLineSearchMinimiser, MinimiserState
 
@@ -81,10 +81,10 @@ class Newton(AbstractNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
+    step_size: RealScalarLike | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
     search: AbstractLineSearch = StrongWolfe()
 
@@ -115,11 +115,11 @@ class DampedNewton(AbstractNewton):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
-    damping: ScalarLike = 1.0
+    rtol: RealScalarLike
+    atol: RealScalarLike
+    damping: RealScalarLike = 1.0
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
+    step_size: RealScalarLike | None = None
     linear_solver: lx.AbstractLinearSolver = lx.LU()
     search: AbstractLineSearch = StrongWolfe()
 
@@ -197,9 +197,9 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
     # fall-back to -grad.
     descends: ClassVar[bool] = False
 
-    initial_radius: eqx.AbstractVar[ScalarLike]
-    max_radius: eqx.AbstractVar[ScalarLike]
-    regularisation: eqx.AbstractVar[ScalarLike]
+    initial_radius: eqx.AbstractVar[RealScalarLike]
+    max_radius: eqx.AbstractVar[RealScalarLike]
+    regularisation: eqx.AbstractVar[RealScalarLike]
 
     def hyperparameter_conditions(self) -> tuple:
         name = type(self).__name__
@@ -326,11 +326,11 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
         [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
-    initial_radius: ScalarLike = 1.0
-    max_radius: ScalarLike = 1000.0
-    regularisation: ScalarLike = 0.3
+    step_size: RealScalarLike | None = None
+    initial_radius: RealScalarLike = 1.0
+    max_radius: RealScalarLike = 1000.0
+    regularisation: RealScalarLike = 0.3
     search: AbstractLineSearch = StrongWolfe()

@@ -24,9 +24,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree, Scalar, ScalarLike
+from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .checks import shown
+from .._misc import RealScalarLike, shown
 from .line_search import AbstractLineSearch, StrongWolfe
 from .minimiser import (
     AbstractLineSearchMinimiser,
@@ -124,10 +124,10 @@ class BFGS(AbstractBFGS):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    step_size: ScalarLike | None = None
+    step_size: RealScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()
 
 
@@ -248,9 +248,9 @@ class LBFGS(AbstractLBFGS):
         search through [`eqx_curv.OptimistixSearch`][]).
     """
 
-    rtol: ScalarLike
-    atol: ScalarLike
+    rtol: RealScalarLike
+    atol: RealScalarLike
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     memory_size: int = eqx.field(static=True, default=10)
-    step_size: ScalarLike | None = None
+    step_size: RealScalarLike | None = None
     search: AbstractLineSearch = StrongWolfe()
