@@ -30,12 +30,9 @@ _CGState: TypeAlias = lx.AbstractLinearOperator
 
 
 def _dot(x: PyTree[Array], y: PyTree[Array]) -> Array:
-    # XLA lowers a float32 vector dot to a blocked, tree-shaped reduction: measured on
-    # the CPU, its relative error stays at 1e-8 to 1e-7 up to 10^7 elements, where a
-    # sequential float32 sum is off by 1e-2 (docs/solvers.md). A hand-written blocked
-    # sum was no more accurate and 1.5x slower, so none is used. (GPU reductions are
-    # tree-shaped too; not measured here.) HIGHEST keeps GPUs from reduced-precision
-    # passes.
+    # XLA lowers a float32 vector dot to a blocked, tree-shaped reduction, whose
+    # rounding error grows like log(n) rather than n, so no compensated sum is needed
+    # (docs/solvers.md). HIGHEST keeps GPUs from reduced-precision passes.
     parts = [
         jnp.vdot(a, b, precision=HIGHEST)
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
@@ -265,9 +262,8 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         # stops if it meets the tolerance, and otherwise restarts the inner loop from
         # it (p = M r). So success is only declared on a true residual, rounding drift
         # of the recurrence is corrected by a restart (replacing r but keeping the old
-        # p breaks the conjugacy the beta update relies on: measured in float32 to
-        # cost up to 50% more steps and, once, to diverge), and the inner loop has no
-        # branch in it, so XLA fuses it as tightly as a textbook CG.
+        # p breaks the conjugacy the beta update relies on; docs/solvers.md), and the
+        # inner loop has no branch in it, so XLA fuses it as tightly as a textbook CG.
         #
         # A non-finite product (an Inf or NaN parameter behind the operator, a
         # non-finite preconditioner) is not a breakdown of the method: it is flagged
@@ -397,7 +393,6 @@ CG.__init__.__doc__ = r"""**Arguments:**
 - `recompute_every`: if an int, also every this many steps replace the recurrence's
     residual by $b - Ay$ (one extra operator product) and restart the search
     direction. `None` (the default) does so only when the recurrence claims
-    convergence: on the float32 problems of `benchmarks/bench_cg.py` a period of 20
-    cost 33-43% more steps and a period of 50 0-11%, for no gain in the final
-    residual (each restart discards the Krylov space built so far).
+    convergence: each restart discards the Krylov space built so far, so a short
+    period costs steps (see "Which solver" in the docs).
 """

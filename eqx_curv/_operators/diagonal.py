@@ -1,7 +1,8 @@
 r"""Estimates of an operator's diagonal, as a PyTree shaped like its input.
 
-Not $A \mathbf{1}$ (the row sums, which the reference page computes as "the diagonal of
-the Hessian"): the diagonal is $\mathrm{diag}(A)_j = e_j^\top A e_j$.
+The diagonal is $\mathrm{diag}(A)_j = e_j^\top A e_j$, not $A \mathbf{1}$ (the row
+sums, a common stand-in for "the diagonal of the Hessian" that is wrong wherever $A$
+has off-diagonal entries).
 """
 
 import jax
