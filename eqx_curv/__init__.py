@@ -23,6 +23,12 @@ from ._losses import (
     SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
     SoftmaxCrossEntropy as SoftmaxCrossEntropy,
 )
+from ._network_optimizers.base import (
+    AbstractNetworkOptimizer as AbstractNetworkOptimizer,
+    StepInfo as StepInfo,
+)
+from ._network_optimizers.fisher_adam import FisherAdam as FisherAdam
+from ._network_optimizers.sgd import SGD as SGD
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
 from ._operators.block_diagonal import BlockDiagonalOperator as BlockDiagonalOperator
 from ._operators.damped import DampedOperator as DampedOperator

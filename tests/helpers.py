@@ -370,3 +370,23 @@ STRUCTURED_NAMES = [
     "woodbury",
     "block_diagonal",
 ]
+
+
+# ---------------------------------------------------------------------------------------
+# Network optimizers (the stochastic `init` / `step` protocol). Each entry: name -> a
+# constructor taking no arguments; the protocol suite in test_network_optimizers.py runs
+# on every entry. The first entry of each class is its default construction.
+
+
+def _eqx_curv():
+    import eqx_curv
+
+    return eqx_curv
+
+
+NETWORK_OPTIMIZERS = {
+    "sgd": lambda: _eqx_curv().SGD(),
+    "fisher_adam": lambda: _eqx_curv().FisherAdam(),
+    "fisher_adam_true": lambda: _eqx_curv().FisherAdam(fisher="true"),
+    "fisher_adam_natural": lambda: _eqx_curv().FisherAdam(exponent=1.0, momentum=0.0),
+}
