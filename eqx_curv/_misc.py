@@ -35,6 +35,18 @@ def matmul(a: ArrayLike, b: ArrayLike) -> Array:
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
+def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+    """The `jax.ShapeDtypeStruct` of every leaf (arrays, NumPy arrays or numbers)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+    )
+
+
+def flat_size(structure: PyTree[jax.ShapeDtypeStruct]) -> int:
+    """The number of entries of a PyTree of arrays or `jax.ShapeDtypeStruct`s."""
+    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(structure))
+
+
 def zeros_from(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
     """Zeros with the shapes and dtypes of a PyTree of `jax.ShapeDtypeStruct`s."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structure)

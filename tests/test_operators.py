@@ -23,7 +23,7 @@ from helpers import (
     STRUCTURED_NAMES,
     sub_block,
 )
-from models import BatchNormNet, make_batchnorm, make_problem, MODELS
+from models import BatchNormNet, make_batchnorm, make_problem, MODELS, NUM_OUTPUTS
 
 import eqx_curv
 
@@ -600,3 +600,12 @@ def test_stateful_model_at_fixed_state():
 
     with pytest.raises(ValueError, match="state="):
         eqx_curv.GGNOperator(model, loss, x, y)
+
+
+def test_out_of_range_labels_are_refused_at_construction():
+    # Concrete labels are checked when the operator is built, not at its first product.
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(31))
+    bad = y.at[0].set(NUM_OUTPUTS)
+    for build in (eqx_curv.GGNOperator, eqx_curv.EmpiricalFisherOperator):
+        with pytest.raises(ValueError, match="class indices in"):
+            build(model, loss, x, bad)

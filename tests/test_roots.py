@@ -276,3 +276,10 @@ def test_ridge_epsilon_may_be_traced():
 def test_inverse_pth_root_large(n, p, cond):
     matrix = jnp.asarray(spd(n, cond, n + p), jnp.float32)
     check_root(matrix, p, _root(matrix, p))
+
+
+def test_power_iteration_steps_is_named_and_refuses_bool():
+    a = jnp.eye(3)
+    for bad in (True, 0):  # (a float is refused by the annotation under pytest)
+        with pytest.raises(ValueError, match="`power_iteration_steps`"):
+            eqx_curv.inverse_pth_root(a, 2, power_iteration_steps=bad)

@@ -309,13 +309,19 @@ def test_eigh_built_from_its_decomposition_and_tags():
     op = eqx_curv.EighOperator(jnp.asarray(h))
     assert op.tags == frozenset([lx.symmetric_tag])
     w, q = np.linalg.eigh(h)
+    # A PSD tag on eigenvalues known to be negative is refused, not trusted.
+    with pytest.raises(ValueError, match="tagged `lineax.positive_semidefinite_tag`"):
+        eqx_curv.EighOperator(
+            eigenvalues=jnp.asarray(w),
+            eigenvectors=jnp.asarray(q),
+            tags=lx.positive_semidefinite_tag,
+        )
     direct = eqx_curv.EighOperator(
         eigenvalues=jnp.asarray(w),
         eigenvectors=jnp.asarray(q),
         structure={"a": jax.ShapeDtypeStruct((2, 2), jnp.float64)},
-        tags=lx.positive_semidefinite_tag,
     )
-    assert direct.tags == frozenset([lx.symmetric_tag, lx.positive_semidefinite_tag])
+    assert direct.tags == frozenset([lx.symmetric_tag])
     assert direct.in_structure()["a"].shape == (2, 2)
     np.testing.assert_allclose(np.asarray(direct.as_matrix()), h, atol=1e-12)
     # Matrix functions go through the same constructor.
@@ -330,6 +336,17 @@ def test_eigh_built_from_its_decomposition_and_tags():
     np.testing.assert_allclose(
         np.asarray(op.apply(jnp.exp).as_matrix()), (q * np.exp(w)) @ q.T, atol=1e-12
     )
+    # A PSD matrix whose computed eigenvalues dip below zero by rounding keeps real
+    # powers: they are clipped at zero (a singular float32 PSD matrix).
+    v = np.asarray(jax.random.normal(jax.random.key(3), (5, 3)), np.float32)
+    singular = v @ v.T
+    psd = eqx_curv.EighOperator(
+        jnp.asarray(singular), tags=lx.positive_semidefinite_tag
+    )
+    assert float(jnp.min(psd.eigenvalues)) >= 0
+    root = np.asarray(psd.power(0.5).as_matrix())
+    assert np.isfinite(root).all()
+    np.testing.assert_allclose(root @ root, singular, atol=1e-4)
     with pytest.raises(ValueError, match="not both"):
         eqx_curv.EighOperator(jnp.asarray(h), eigenvalues=jnp.asarray(w))
     with pytest.raises(ValueError, match="both `eigenvalues` and"):

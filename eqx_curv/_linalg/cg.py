@@ -22,6 +22,7 @@ from .._misc import (
     check_scalar,
     HIGHEST,
     known_values,
+    structure_of,
     tree_all_finite,
 )
 
@@ -49,12 +50,8 @@ def _sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jax.tree.map(lambda a, b: a - b, x, y)
 
 
-def _structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def _same_structure(a: PyTree, b: PyTree) -> bool:
-    return eqx.tree_equal(_structure(a), _structure(b)) is True
+    return eqx.tree_equal(structure_of(a), structure_of(b)) is True
 
 
 def _check_options(
@@ -82,7 +79,7 @@ def _check_options(
         ):
             raise ValueError(
                 "The `preconditioner` option must map the operator's input structure to "
-                f"itself: the operator acts on {_structure(structure)}, the "
+                f"itself: the operator acts on {structure_of(structure)}, the "
                 f"preconditioner maps {preconditioner.in_structure()} to "
                 f"{preconditioner.out_structure()}. Build it on the same PyTree."
             )
@@ -103,7 +100,7 @@ def _check_options(
     if y0 is not None and not _same_structure(y0, vector):
         raise ValueError(
             "The `y0` option must have the structure, shapes and dtypes of the "
-            f"right-hand side: expected {_structure(vector)}, got {_structure(y0)}. "
+            f"right-hand side: expected {structure_of(vector)}, got {structure_of(y0)}. "
             "Build it from the right-hand side, e.g. `jax.tree.map(jnp.zeros_like, b)`."
         )
     return preconditioner, y0

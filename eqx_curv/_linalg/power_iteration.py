@@ -7,11 +7,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
-from .._misc import check_positive_int, check_scalar, HIGHEST, zeros_from
-
-
-def _structure(tree):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+from .._misc import check_positive_int, check_scalar, HIGHEST, structure_of, zeros_from
 
 
 def _flat_matvec(matrix):
@@ -19,13 +15,15 @@ def _flat_matvec(matrix):
     if isinstance(matrix, lx.AbstractLinearOperator):
         structure = matrix.in_structure()
         if (
-            eqx.tree_equal(_structure(structure), _structure(matrix.out_structure()))
+            eqx.tree_equal(
+                structure_of(structure), structure_of(matrix.out_structure())
+            )
             is not True
         ):
             raise ValueError(
                 "`matrix` must be a square operator (the same input and output "
-                f"structure) for power iteration, but it maps {_structure(structure)} "
-                f"to {_structure(matrix.out_structure())}; pass a symmetric operator "
+                f"structure) for power iteration, but it maps {structure_of(structure)} "
+                f"to {structure_of(matrix.out_structure())}; pass a symmetric operator "
                 "such as a curvature operator (for singular values of a rectangular "
                 "`J`, iterate on `J.T @ J`)."
             )

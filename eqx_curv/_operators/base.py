@@ -19,13 +19,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import check_scalar, zeros_from
-
-
-def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
-    )
+from .._misc import check_scalar, structure_of as structure_of, zeros_from
 
 
 def _describe(structure: PyTree[jax.ShapeDtypeStruct]) -> str:

@@ -7,20 +7,20 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from .._misc import known_values, matmul
-from .base import AbstractCurvatureOperator, as_tags, check_damping
+from .._misc import flat_size, known_values, matmul
+from .base import (
+    AbstractCurvatureOperator,
+    as_tags,
+    check_damping,
+    spectrum_tolerance,
+)
 
 
 def _flat_structure(structure):
     leaves, treedef = jax.tree.flatten(structure)
     return tuple(leaves), treedef
-
-
-def _flat_size(structure) -> int:
-    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(structure))
 
 
 def _square_matrix(operator) -> tuple[Array, PyTree[jax.ShapeDtypeStruct], bool]:
@@ -140,12 +140,27 @@ class EighOperator(AbstractCurvatureOperator):
                 )
             if structure is None:
                 structure = jax.ShapeDtypeStruct((n,), eigenvalues.dtype)
-            elif _flat_size(structure) != n:
+            elif flat_size(structure) != n:
                 raise ValueError(
                     f"`structure` must hold {n} entries in all (one per eigenvalue), "
-                    f"but holds {_flat_size(structure)}."
+                    f"but holds {flat_size(structure)}."
                 )
-        self.eigenvalues = jnp.asarray(eigenvalues)
+        eigenvalues = jnp.asarray(eigenvalues)
+        if lx.positive_semidefinite_tag in tags:
+            value = known_values(eigenvalues)
+            if value is not None and float(
+                value.min(initial=0.0)
+            ) < -spectrum_tolerance(value, value.size):
+                raise ValueError(
+                    f"The eigenvalues include {float(value.min()):.3g}, but the "
+                    "operator is tagged `lineax.positive_semidefinite_tag`, which "
+                    "promises non-negative ones. Drop the tag, or take `abs()` of an "
+                    "indefinite operator."
+                )
+            # A PSD matrix's computed eigenvalues may fall below zero by rounding;
+            # clipped, its powers (square roots, inverse roots) stay real.
+            eigenvalues = jnp.maximum(eigenvalues, 0)
+        self.eigenvalues = eigenvalues
         self.eigenvectors = jnp.asarray(eigenvectors)
         self.flat_structure = _flat_structure(structure)
         self.tags = tags

@@ -289,7 +289,9 @@ def _check_targets(loss, outputs, targets) -> Array:
             f"`targets` must have one entry per example of `inputs` (batch size "
             f"{batch}), but have shape {jnp.shape(targets)}."
         )
-    eqx.filter_eval_shape(loss, outputs, targets)
+    # Targets closed over, not traced: the loss's checks of values known now (labels
+    # out of range, probabilities that do not sum to 1) run at construction.
+    eqx.filter_eval_shape(lambda o: loss(o, targets), outputs)
     return targets
 
 

@@ -15,17 +15,13 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .._misc import known_values, matmul, zeros_from
+from .._misc import flat_size, known_values, matmul, zeros_from
 from .base import (
     AbstractCurvatureOperator,
     as_tags,
     is_concretely_symmetric,
     spectrum_tolerance,
 )
-
-
-def _flat_size(structure) -> int:
-    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(structure))
 
 
 class WoodburyOperator(AbstractCurvatureOperator):
@@ -91,7 +87,7 @@ class WoodburyOperator(AbstractCurvatureOperator):
                 )
             factor = lx.MatrixLinearOperator(factor)
         structure = factor.out_structure()
-        k = _flat_size(factor.in_structure())
+        k = flat_size(factor.in_structure())
         if jax.tree.structure(diagonal) == jax.tree.structure(0.0) and (
             jnp.ndim(diagonal) == 0
         ):
