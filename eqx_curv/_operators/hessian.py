@@ -25,9 +25,16 @@ class HessianOperator(AbstractCurvatureOperator):
     the gradient's primal pass once, after which each product costs only its tangent
     pass.
 
-    The Hessian is symmetric but in general indefinite, so it is not tagged positive
-    semidefinite: wrap it in a [`eqx_curv.DampedOperator`][] only if you know it is, or
-    use a GGN / Fisher operator for conjugate gradients.
+    The Hessian is symmetric but in general indefinite, so it is tagged symmetric
+    only: damping does not make it PSD. Solve with an indefinite solver (`lx.GMRES`,
+    `lx.LU`), or use a GGN / Fisher operator for conjugate gradients.
+
+    For curvature over part of a model, split it and close over the rest:
+    `params, static = eqx.partition(model, filter_spec)` and
+    `fn = lambda p: loss(eqx.combine(p, static))`. A stateful model's `eqx.nn.State`
+    must be kept out of `params` (pass it to `fn` by closure, not through
+    `eqx.filter(model, eqx.is_inexact_array)` of a module that holds it), or its
+    running statistics become unknowns.
 
     **Arguments:**
 
