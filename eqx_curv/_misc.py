@@ -153,3 +153,44 @@ def checked_hyperparameter(value, ok, message: str):
 def shown(value) -> str:
     """`value` for an error message: a traced value has no number to show."""
     return "a traced value" if is_traced(value) else repr(value)
+
+
+def check_number_fields(module: eqx.Module) -> None:
+    """Every numeric field of `module` is a real number, and a finite one where known.
+
+    Runs before a module's own conditions (`rtol >= 0`, ...), so that a string, a
+    complex number, a boolean or an infinite value gets a sentence naming the field,
+    not Python's "'>=' not supported". Submodules and callables are skipped, and
+    `None` where it is the field's default; an int field (a static count) must be a
+    positive int.
+    """
+    import dataclasses
+
+    name = type(module).__name__
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name, None)
+        if value is None and field.default is not None:
+            raise TypeError(
+                f"`{name}(... {field.name}=...)` must be given a value, not None."
+            )
+        if value is None or isinstance(value, eqx.Module) or callable(value):
+            continue
+        if isinstance(field.default, int) and not isinstance(field.default, bool):
+            check_positive_int(value, f"{name}.{field.name}")
+            continue
+        is_real_array = hasattr(value, "dtype") and (
+            jnp.issubdtype(value.dtype, jnp.floating)
+            or jnp.issubdtype(value.dtype, jnp.integer)
+        )
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) or is_real_array
+        ):
+            raise TypeError(
+                f"`{name}(... {field.name}=...)` must be a real number, not {value!r}."
+            )
+        concrete = known_values(value)
+        if concrete is not None and not np.isfinite(concrete).all():
+            raise ValueError(
+                f"`{name}(... {field.name}=...)` must be finite, but is "
+                f"{concrete.item() if concrete.size == 1 else concrete!r}."
+            )

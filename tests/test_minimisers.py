@@ -879,3 +879,31 @@ def test_optimistix_minimisers_give_their_search_values_only():
         lambda y, _: jnp.sum(y**2), _BFGSWithSearch(), jnp.ones(2), max_steps=5
     )
     assert seen and all(t is optx.FunctionInfo.Eval for t in seen)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: eqx_curv.LBFGS(rtol=0.0, atol=float("inf")), "must be finite"),
+        (lambda: eqx_curv.DampedNewton(rtol=0.0, atol=0.0, damping=1j), "damping"),
+        (lambda: eqx_curv.DampedNewton(rtol=0.0, atol=0.0, damping=jnp.inf), "finite"),
+        (lambda: eqx_curv.LBFGS(rtol=0.0, atol=0.0, memory_size=True), "memory_size"),
+    ],
+)
+def test_hyperparameters_that_are_not_finite_numbers_are_sentences(build, match):
+    # Checked before the solvers' own conditions, which would otherwise fail with
+    # Python's "'>=' not supported" or accept an infinite damping.
+    with pytest.raises((TypeError, ValueError), match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    "value, match", [("x", r"rtol=...\)` must be a real"), (None, "must be given")]
+)
+def test_non_numeric_tolerance_is_a_sentence_without_the_type_checker(value, match):
+    # Under pytest jaxtyping's hook refuses these at the annotation first; users run
+    # without it, so the check itself is called on a field set behind its back.
+    solver = eqx_curv.BFGS(rtol=0.0, atol=0.0)
+    object.__setattr__(solver, "rtol", value)
+    with pytest.raises(TypeError, match=match):
+        solver.__check_init__()

@@ -48,6 +48,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
 
 from .._misc import (
     check_hyperparameter,
+    check_number_fields,
     checked_hyperparameter,
     RealScalarLike,
     shown,
@@ -167,6 +168,7 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
     descends: AbstractClassVar[bool]
 
     def __check_init__(self):
+        check_number_fields(self)
         for ok, message in self._conditions():
             check_hyperparameter(ok, message)
 
