@@ -288,10 +288,14 @@ class StrongWolfe(AbstractLineSearch):
             return f, g, aux, jnp.dot(g, direction)
 
         def body(s):
-            return update(s, s.alpha_next, *evaluate(s.alpha_next))
+            alpha = s.alpha_next
+            f, g, aux, slope = evaluate(alpha)
+            judged = judge(alpha, f, slope, s.lo.f, first=False)
+            return update(s, alpha, f, g, aux, slope, judged, first=False)
 
-        def judge(alpha, f, slope, f_lo):
-            """(finite, too far, curvature condition met) for a trial."""
+        def judge(alpha, f, slope, f_lo, first):
+            """(finite, within, curvature condition met) for a trial, `within` when it
+            is not too far (it becomes the lower end of the bracket)."""
             # A non-finite entry of g makes the slope non-finite too (NaN and inf
             # propagate through the dot product, inf * 0 included), so checking the
             # slope checks g.
@@ -301,34 +305,36 @@ class StrongWolfe(AbstractLineSearch):
             # than rounding above the best value, and the slope no more than
             # (1 - 2 c1) |phi'(0)| (for a quadratic, sufficient decrease itself).
             approximate = (f <= f_lo + tolerance()) & (slope <= (2 * c1 - 1) * slope0)
-            # Too far: becomes the upper end of the bracket. Along a direction that
-            # does not descend every step is, and so is a step that is not positive
-            # (a first trial of 0 or NaN), and so is every step if f0 is NaN: the
-            # search then ends at alpha = 0, and a returned step is positive exactly
-            # when it was accepted.
-            too_far = ~descends() | ~(alpha > 0) | ~finite | ~(decrease | approximate)
-            return finite, too_far, jnp.abs(slope) <= -c2 * slope0
+            # Too far (the upper end of the bracket) is the complement. Along a
+            # direction that does not descend every step is, and so is a step that
+            # is not positive (a first trial of 0 or NaN), and so is every step if
+            # f0 is NaN: the search then ends at alpha = 0, and a returned step is
+            # positive exactly when it was accepted. Such a search ends at its first
+            # trial, so later trials need not ask whether the direction descends.
+            # Written without negations, each of which would be one more operation
+            # in every kernel that this test is fused into.
+            within = (alpha > 0) & finite & (decrease | approximate)
+            if first:
+                within = descends() & within
+            return finite, within, jnp.abs(slope) <= -c2 * slope0
 
-        def update(s, alpha, f, g, aux, slope):
-            finite, too_far, curvature_ok = judge(alpha, f, slope, s.lo.f)
+        def update(s, alpha, f, g, aux, slope, judged, first):
+            finite, within, curvature_ok = judged
             trial = _trial(alpha, f, slope)
-            accept = ~too_far & curvature_ok
+            accept = within & curvature_ok
             # Moving past `lo` would go uphill: the old `lo` becomes the upper end.
-            flip = ~too_far & ~curvature_ok & (slope * (s.hi.alpha - s.lo.alpha) >= 0)
-            new_lo_is_trial = ~too_far
+            flip = within & ~curvature_ok & (slope * (s.hi.alpha - s.lo.alpha) >= 0)
             if_nonfinite = _trial(alpha, jnp.asarray(jnp.inf, dtype), zero)
             hi = _Trial(
                 jnp.where(
-                    too_far,
-                    jnp.where(finite, trial.values, if_nonfinite.values),
+                    within,
                     jnp.where(flip, s.lo.values, s.hi.values),
+                    jnp.where(finite, trial.values, if_nonfinite.values),
                 )
             )
-            lo = _Trial(jnp.where(new_lo_is_trial, trial.values, s.lo.values))
-            grad_lo = jnp.where(new_lo_is_trial, g, s.grad_lo)
-            aux_lo = jax.tree.map(
-                lambda a, b: jnp.where(new_lo_is_trial, a, b), aux, s.aux_lo
-            )
+            lo = _Trial(jnp.where(within, trial.values, s.lo.values))
+            grad_lo = jnp.where(within, g, s.grad_lo)
+            aux_lo = jax.tree.map(lambda a, b: jnp.where(within, a, b), aux, s.aux_lo)
             bracketed = jnp.isfinite(hi.alpha)
             # Next trial: interpolate inside the bracket, keeping 10% away from its
             # ends; bisect if the cubic is unusable; extrapolate while unbracketed.
@@ -346,13 +352,9 @@ class StrongWolfe(AbstractLineSearch):
             num_evals = s.num_evals + 1
             collapsed = bracketed & (width <= eps * jnp.maximum(lo.alpha, 1))
             at_cap = ~bracketed & (lo.alpha >= max_step)
-            done = (
-                accept
-                | collapsed
-                | at_cap
-                | (num_evals >= self.max_evals)
-                | ~descends()
-            )
+            done = accept | collapsed | at_cap | (num_evals >= self.max_evals)
+            if first:
+                done = done | ~descends()
             flat = s.flat & finite & (jnp.abs(f - f0) <= tolerance())
             return _LoopState(
                 lo, hi, grad_lo, aux_lo, alpha_next, num_evals, accept, flat, done
@@ -362,8 +364,9 @@ class StrongWolfe(AbstractLineSearch):
         # case is checked on its own, with no loop and little bookkeeping; only
         # otherwise does the bracketing-and-zoom loop run, from that first trial.
         f, g, aux, slope = evaluate(first_trial())
-        _, too_far, curvature_ok = judge(first_trial(), f, slope, f0)
-        passed = ~too_far & curvature_ok
+        _, within, curvature_ok = judge(first_trial(), f, slope, f0, first=True)
+        # 0: too far; 1: not too far, but the curvature condition fails; 2: passed.
+        case = within.astype(jnp.int32) + (within & curvature_ok).astype(jnp.int32)
 
         # Both branches return the accepted trial as one array and the result is
         # read from it afterwards: slicing inside a branch costs a kernel per field.
@@ -372,8 +375,21 @@ class StrongWolfe(AbstractLineSearch):
             flat = jnp.abs(f - f0) <= tolerance()
             return trial, g, aux, jnp.array(1), jnp.array(True), flat
 
-        def search_on():
-            first = update(start(), first_trial(), f, g, aux, slope)
+        def search_on(first_within: bool):
+            # One branch for each judgement of the first trial, so that the first
+            # update has it as a constant. Recomputed from `f` and `slope` (passing
+            # it in would cost a kernel per step), the tests above would be fused
+            # into each of that update's kernels, and their operations counted
+            # again in each: XLA's CPU client runs a program whose estimated flop
+            # count is 1000 or more on a thread of its own, which costs a 2-D solve
+            # twice its time (docs/classical.md).
+            if first_within:
+                # Not passed, so the curvature condition failed.
+                judged = (jnp.array(True), jnp.array(True), jnp.array(False))
+            else:
+                finite = jnp.isfinite(f) & jnp.isfinite(slope)
+                judged = (finite, jnp.array(False), jnp.array(False))
+            first = update(start(), first_trial(), f, g, aux, slope, judged, True)
             out = jax.lax.while_loop(cond, body, first)
             flat = jnp.where(
                 out.lo.alpha > 0,
@@ -382,8 +398,8 @@ class StrongWolfe(AbstractLineSearch):
             )
             return out.lo, out.grad_lo, out.aux_lo, out.num_evals, out.satisfied, flat
 
-        lo, grad, aux, num_evals, satisfied, flat = jax.lax.cond(
-            passed, at_once, search_on
+        lo, grad, aux, num_evals, satisfied, flat = jax.lax.switch(
+            case, (lambda: search_on(False), lambda: search_on(True), at_once)
         )
         return LineSearchResult(
             alpha=lo.alpha,
