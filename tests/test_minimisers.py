@@ -469,7 +469,10 @@ def test_saddle_free_trust_region_shrinks_nonfinite_step():
 def test_saddle_free_radius_rule():
     solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8, max_radius=3.0)
     memory = solver.init_memory(jnp.zeros(2), jnp.zeros(2))
-    assert float(memory.predicted) == 1.0 and float(memory.shift_scale) == 1.0
+    # The model along the direction: m(alpha p) = alpha slope + alpha^2 curvature / 2;
+    # the starting memory predicts a decrease of 1 for the unit step.
+    assert float(-(memory.slope + 0.5 * memory.curvature)) == 1.0
+    assert float(memory.shift_scale) == 1.0
 
     def update(m, s, alpha, decrease=0.5):  # the model predicted 1: rho = 0.5
         return solver.update_memory(
@@ -494,6 +497,15 @@ def test_saddle_free_radius_rule():
     # A shortened step restores the full shift.
     restored = update(inside, [0.15, 0.2], 0.5)
     assert float(restored.shift_scale) == 1.0
+    # A step the search lengthened (alpha = 3 along a model with slope -1 and
+    # curvature 0.5: predicted decrease 3 - 2.25 = 0.75) is judged at that length: the
+    # decrease agrees, so the shift is divided, and the radius takes the step's length.
+    model = eqx.tree_at(
+        lambda m: (m.slope, m.curvature), memory, (jnp.array(-1.0), jnp.array(0.5))
+    )
+    lengthened = update(model, [1.2, 1.6], 3.0, decrease=0.75)
+    assert float(lengthened.shift_scale) == 1 / 8
+    assert float(lengthened.radius) == 2.0
 
 
 def test_saddle_free_without_shift_stops_at_local_rosenbrock_minimum():
@@ -907,3 +919,38 @@ def test_non_numeric_tolerance_is_a_sentence_without_the_type_checker(value, mat
     object.__setattr__(solver, "rtol", value)
     with pytest.raises(TypeError, match=match):
         solver.__check_init__()
+
+
+@pytest.mark.parametrize("start", [100.0, 1000.0])
+def test_saddle_free_from_a_far_start_is_no_slower_than_trust_exact(start):
+    # A convex quadratic (condition 100, f* about 100) from far away: the shift
+    # c ||g|| is large there, the search lengthens the shifted step, and the model is
+    # judged at the step the search accepted, so the shift falls off at once (before,
+    # 42 and 66 iterations against trust-exact's 9 and 13).
+    import scipy.optimize
+
+    rng = np.random.default_rng(0)
+    n = 10
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = q @ np.diag(np.logspace(0, 2, n)) @ q.T
+    b = rng.normal(size=n)
+
+    def fn(x, args):
+        return 0.5 * x @ jnp.asarray(a) @ x - jnp.asarray(b) @ x + 100.0
+
+    x0 = np.full(n, start)
+    solver = eqx_curv.SaddleFreeNewton(rtol=0.0, atol=1e-8)
+    sol = optx.minimise(fn, solver, jnp.asarray(x0), max_steps=200, throw=False)
+    assert sol.result == optx.RESULTS.successful
+    reference = scipy.optimize.minimize(
+        lambda x: 0.5 * x @ a @ x - b @ x + 100.0,
+        x0,
+        jac=lambda x: a @ x - b,
+        hess=lambda x: a,
+        method="trust-exact",
+        options={"gtol": 1e-8},
+    )
+    assert int(sol.stats["num_steps"]) <= reference.nit, (
+        int(sol.stats["num_steps"]),
+        reference.nit,
+    )

@@ -142,7 +142,10 @@ class DampedNewton(AbstractNewton):
 class _RadiusMemory(eqx.Module):
     radius: Float[Array, ""]  # Delta
     shift_scale: Float[Array, ""]  # t in (0, 1]: the shift is t * c * |g|
-    predicted: Float[Array, ""]  # -m(p) of the last direction's full step
+    # The model along the last direction: m(alpha p) = alpha * slope
+    # + alpha^2 * curvature / 2, with slope = g^T p and curvature = p^T |H| p.
+    slope: Float[Array, ""]
+    curvature: Float[Array, ""]
 
 
 def _abs_floored(values: Array) -> Array:
@@ -215,7 +218,10 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
 
     def init_memory(self, x, grad) -> _RadiusMemory:
         one = jnp.ones((), x.dtype)
-        return _RadiusMemory(jnp.asarray(self.initial_radius, x.dtype), one, one)
+        # slope -1, curvature 0: a predicted decrease of 1 for the unit step.
+        return _RadiusMemory(
+            jnp.asarray(self.initial_radius, x.dtype), one, -one, jnp.zeros_like(one)
+        )
 
     def direction(self, value_fn, x, state: MinimiserState[PyTree, _RadiusMemory]):
         memory = state.memory
@@ -234,12 +240,18 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
             )
         else:
             p_eig = -g_eig / abs_values
-        # The decrease that the model g^T p + p^T |H| p / 2 (without the shift)
-        # predicts for the full step.
-        predicted = -jnp.sum(g_eig * p_eig + 0.5 * abs_values * p_eig**2)
-        # Zero where the curvature was not finite (the step then falls back to -g).
-        predicted = jnp.where(jnp.isfinite(predicted), predicted, 0)
-        memory = _RadiusMemory(memory.radius, memory.shift_scale, predicted)
+        # The model g^T p + p^T |H| p / 2 (without the shift) along p, kept so that
+        # the decrease at whatever step the search accepts can be predicted. Zero
+        # where the curvature was not finite (the step then falls back to -g).
+        slope = jnp.sum(g_eig * p_eig)
+        curvature = jnp.sum(abs_values * p_eig**2)
+        finite = jnp.isfinite(slope) & jnp.isfinite(curvature)
+        memory = _RadiusMemory(
+            memory.radius,
+            memory.shift_scale,
+            jnp.where(finite, slope, 0),
+            jnp.where(finite, curvature, 0),
+        )
         p = vectors @ p_eig
         return p, jnp.ones((), x.dtype), memory, optx.RESULTS.successful
 
@@ -256,7 +268,9 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
         step = jnp.sqrt(jnp.dot(s, s))
         full = alpha >= 1
         at_boundary = full & (step / jnp.where(full, alpha, 1) >= 0.99 * radius)
-        predicted = memory.predicted
+        # The decrease the model predicts for the accepted step alpha * p (the
+        # search may also lengthen the step beyond the trust region's p).
+        predicted = -(alpha * memory.slope + 0.5 * alpha**2 * memory.curvature)
         agrees = (
             full & (predicted > 0) & (jnp.abs(decrease - predicted) <= 1e-3 * predicted)
         )
@@ -267,10 +281,16 @@ class AbstractSaddleFreeNewton(AbstractLineSearchMinimiser):
             jnp.minimum(growth * radius, self.max_radius),
             jnp.where(shortened, step, radius),
         )
+        # A lengthened step that worked is a length the radius can take.
+        radius = jnp.where(
+            full & (alpha > 1),
+            jnp.minimum(jnp.maximum(radius, step), self.max_radius),
+            radius,
+        )
         scale = jnp.where(
             agrees, scale / 8, jnp.where(shortened, jnp.ones_like(scale), scale)
         )
-        return _RadiusMemory(radius, scale, memory.predicted)
+        return _RadiusMemory(radius, scale, memory.slope, memory.curvature)
 
 
 class SaddleFreeNewton(AbstractSaddleFreeNewton):
@@ -293,14 +313,15 @@ class SaddleFreeNewton(AbstractSaddleFreeNewton):
     2. the strong-Wolfe line search along $p$ with first trial 1 gives $x_{k+1} = x_k +
        \alpha_k p$ (Nocedal and Yuan, *Combining trust region and line search
        techniques*, 1998: a poor trial backtracks instead of being rejected);
-    3. with $\rho_k$ the actual decrease over the decrease that $g^\top p +
-       \frac12 p^\top |H| p$ predicts for the full step: where the search shortened
-       the step, $\Delta$ becomes $\alpha_k \lVert p\rVert$ and the shift its full
-       $c\lVert g\rVert$; where a full step had $|\rho_k - 1| \le 10^{-3}$ ($f$ is
-       quadratic on the scale of the step, so the shift's guard is not needed) the
-       shift is divided by 8 and $\Delta$ grows fourfold if the step reached it;
-       otherwise $\Delta$ doubles after a full step to the boundary (up to
-       `max_radius`).
+    3. with $\rho_k$ the actual decrease over the decrease that the model $m(s) =
+       g^\top s + \frac12 s^\top |H| s$ predicts for the accepted step $s =
+       \alpha_k p$: where the search shortened the step, $\Delta$ becomes $\alpha_k
+       \lVert p\rVert$ and the shift its full $c\lVert g\rVert$; where a step of at
+       least $p$ had $|\rho_k - 1| \le 10^{-3}$ ($f$ is quadratic on the scale of the
+       step, so the shift's guard is not needed) the shift is divided by 8 and
+       $\Delta$ grows fourfold if the step reached it; otherwise $\Delta$ doubles
+       after a full step to the boundary; a step the search lengthened ($\alpha_k >
+       1$) makes $\Delta$ at least its length (all up to `max_radius`).
 
     From the classical start of Rosenbrock in 100 dimensions this reaches the global
     minimum (trust-region Newton on $H$, like scipy's `trust-exact`, and this method
