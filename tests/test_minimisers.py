@@ -900,6 +900,7 @@ def test_optimistix_minimisers_give_their_search_values_only():
         (lambda: eqx_curv.DampedNewton(rtol=0.0, atol=0.0, damping=1j), "damping"),
         (lambda: eqx_curv.DampedNewton(rtol=0.0, atol=0.0, damping=jnp.inf), "finite"),
         (lambda: eqx_curv.LBFGS(rtol=0.0, atol=0.0, memory_size=True), "memory_size"),
+        (lambda: eqx_curv.StrongWolfe(max_evals=True), "max_evals"),
     ],
 )
 def test_hyperparameters_that_are_not_finite_numbers_are_sentences(build, match):

@@ -211,7 +211,9 @@ class StrongWolfe(AbstractLineSearch):
             "quasi-Newton).",
         )
         check_hyperparameter(
-            isinstance(self.max_evals, int) and self.max_evals >= 1,
+            isinstance(self.max_evals, int)
+            and not isinstance(self.max_evals, bool)
+            and self.max_evals >= 1,
             f"`StrongWolfe` needs `max_evals` to be a positive int, got "
             f"{self.max_evals!r}.",
         )
@@ -463,7 +465,9 @@ class OptimistixSearch(AbstractLineSearch):
             "`eqx_curv.StrongWolfe()` to the minimiser directly.",
         )
         check_hyperparameter(
-            isinstance(self.max_evals, int) and self.max_evals >= 1,
+            isinstance(self.max_evals, int)
+            and not isinstance(self.max_evals, bool)
+            and self.max_evals >= 1,
             f"`OptimistixSearch` needs `max_evals` to be a positive int, got "
             f"{self.max_evals!r}.",
         )

@@ -52,6 +52,7 @@ from .._misc import (
     checked_hyperparameter,
     RealScalarLike,
     shown,
+    tree_all_finite,
 )
 from .line_search import AbstractLineSearch
 
@@ -110,10 +111,6 @@ def value_and_grad_flat(fn, args, unravel) -> Callable:
 def scalar_fn_flat(fn, args, unravel) -> Callable:
     """`x -> f` on the flat vector `x`, for building curvature operators."""
     return lambda x: fn(unravel(x), args)[0]
-
-
-def all_finite(*xs) -> Bool[Array, ""]:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
 
 def inner_products(*pairs: tuple[Array, Array]) -> Float[Array, " k"]:
@@ -241,7 +238,7 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
                 f"{x.dtype}. Cast it, e.g. `jnp.asarray(y0, jnp.float64)`."
             )
         f, grad, aux = value_and_grad_flat(fn, args, unravel)(x)
-        finite = all_finite(f, grad)
+        finite = tree_all_finite((f, grad))
         # Zeros instead of non-finite numbers, so that the state never holds NaN.
         f = jnp.where(finite, f, 0)
         grad = jnp.where(finite, grad, 0)
@@ -311,7 +308,7 @@ class AbstractLineSearchMinimiser(optx.AbstractMinimiser):
         else:
             alpha = jnp.asarray(self.step_size, x.dtype)
             f, grad, aux = evaluate(x + alpha * p)
-            accepted, num_evals = all_finite(f, grad, p), jnp.array(1)
+            accepted, num_evals = tree_all_finite((f, grad, p)), jnp.array(1)
             flat = floor = jnp.array(False)
             failure = optx.RESULTS.nonfinite
             f = jnp.where(accepted, f, state.f)
