@@ -80,7 +80,7 @@ def newton_schulz(
         raise TypeError(
             f"`matrix` must have a floating-point dtype, not {matrix.dtype}."
         )
-    if not isinstance(num_steps, int) or num_steps < 0:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(
             f"`num_steps` must be a non-negative Python int, but is {num_steps!r}."
         )
