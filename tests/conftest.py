@@ -50,3 +50,15 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compilation caches after each test module.
+
+    A single process compiles thousands of programs over the suite; keeping them all
+    grew its memory until XLA's CPU compiler crashed late in the run. Tests within a
+    module still share their compiled programs.
+    """
+    yield
+    jax.clear_caches()
