@@ -86,6 +86,18 @@ def check_positive_int(value, name: str, what: str = "") -> int:
     return value
 
 
+def _is_real_number(value) -> bool:
+    """A Python int or float (not a bool) or an array of a real dtype."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return hasattr(value, "dtype") and (
+        jnp.issubdtype(value.dtype, jnp.floating)
+        or jnp.issubdtype(value.dtype, jnp.integer)
+    )
+
+
 def check_scalar(value, name: str, *, allow_zero: bool = True, fix: str = ""):
     """A finite, non-negative (or positive) real scalar.
 
@@ -93,13 +105,7 @@ def check_scalar(value, name: str, *, allow_zero: bool = True, fix: str = ""):
     `name`); a traced one is returned with an `eqx.error_if` check attached. `fix` ends
     the message (e.g. `"; use e.g. 1e-6"`).
     """
-    is_real_array = hasattr(value, "dtype") and (
-        jnp.issubdtype(value.dtype, jnp.floating)
-        or jnp.issubdtype(value.dtype, jnp.integer)
-    )
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) or is_real_array
-    ):
+    if not _is_real_number(value):
         raise TypeError(f"`{name}` must be a real number, not {value!r}{fix}.")
     if jnp.shape(value) != ():
         raise ValueError(
@@ -178,13 +184,7 @@ def check_number_fields(module: eqx.Module) -> None:
         if isinstance(field.default, int) and not isinstance(field.default, bool):
             check_positive_int(value, f"{name}.{field.name}")
             continue
-        is_real_array = hasattr(value, "dtype") and (
-            jnp.issubdtype(value.dtype, jnp.floating)
-            or jnp.issubdtype(value.dtype, jnp.integer)
-        )
-        if isinstance(value, bool) or not (
-            isinstance(value, (int, float)) or is_real_array
-        ):
+        if not _is_real_number(value):
             raise TypeError(
                 f"`{name}(... {field.name}=...)` must be a real number, not {value!r}."
             )

@@ -228,6 +228,14 @@ def test_tags_are_never_a_default_promise():
     big = jnp.diag(jnp.concatenate([jnp.ones(600), -jnp.ones(1)]))
     with pytest.raises(ValueError, match="`right` has the diagonal entry -1"):
         eqx_curv.KroneckerOperator(b, big, tags=lx.positive_semidefinite_tag)
+    # So is one on eigenvalues of an eigendecomposed product that are negative.
+    with pytest.raises(ValueError, match="The eigenvalues include -1"):
+        eqx_curv.KroneckerEigenOperator(
+            jnp.eye(2),
+            jnp.eye(2),
+            jnp.array([[1.0, -1.0], [2.0, 3.0]]),
+            tags=lx.positive_semidefinite_tag,
+        )
     # `tags=` takes one tag or an iterable, as lineax's operators do; a PSD tag
     # implies symmetry.
     one = eqx_curv.KroneckerOperator(b, b, tags=lx.positive_semidefinite_tag)

@@ -154,9 +154,7 @@ def power_iteration(
     if rtol is None:
         rtol = float(jnp.finfo(dtype).eps) ** 0.5
     checked = check_scalar(rtol, "rtol", fix="; use e.g. 1e-4")
-    tol: float | Array = (
-        checked if isinstance(checked, (int, float)) else checked.astype(dtype)
-    )
+    tol = jnp.asarray(checked, dtype)
     v0 = jax.random.normal(key, (n,), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
 

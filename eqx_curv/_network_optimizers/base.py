@@ -40,9 +40,10 @@ from .._misc import (
     checked_hyperparameter,
     RealScalarLike,
     shown,
+    structure_of,
     tree_all_finite,
 )
-from .._operators.ggn import apply_batched
+from .._operators.ggn import apply_batched, batch_size
 
 
 if TYPE_CHECKING:
@@ -138,33 +139,26 @@ def _params_of(model: PyTree, name: str = "model") -> PyTree[Array]:
     return params
 
 
-def _batch_sizes(tree: PyTree, name: str) -> set[int]:
-    leaves = jax.tree.leaves(tree)
-    if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
-        raise ValueError(
-            f"`{name}` must be a batch: arrays with a leading batch axis (the model "
-            "maps ONE example and is vmapped over that axis)."
-        )
-    return {jnp.shape(x)[0] for x in leaves}
+def is_zero(value) -> bool:
+    """Whether a hyperparameter is the Python number 0 (a traced one never is), so
+    that, e.g., no momentum buffer is kept for `momentum=0`."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    )
 
 
 def _check_batch(inputs: PyTree, targets: PyTree) -> None:
-    sizes = _batch_sizes(inputs, "inputs")
-    if len(sizes) != 1:
-        raise ValueError(
-            f"Every array in `inputs` must have the same batch size, got {sorted(sizes)}."
-        )
-    (size,) = sizes
+    size = batch_size(inputs, "inputs")
     if size == 0:
         raise ValueError(
             "`inputs` is an empty batch (leading axis of size 0): the mean loss over no "
             "examples is undefined. Pass at least one example."
         )
-    target_sizes = _batch_sizes(targets, "targets")
-    if target_sizes != {size}:
+    target_size = batch_size(targets, "targets")
+    if target_size != size:
         raise ValueError(
             f"`inputs` and `targets` must hold the same number of examples, but "
-            f"`inputs` has batch size {size} and `targets` {sorted(target_sizes)}. "
+            f"`inputs` has batch size {size} and `targets` {target_size}. "
             "Pass one target per example (the leading axis of both is the batch)."
         )
 
@@ -410,10 +404,7 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
                 f"not {type(state).__name__}."
             )
         expected = jax.eval_shape(self.init_stats, params)
-        got = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
-            state.stats,
-        )
+        got = structure_of(state.stats)
         if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
             raise ValueError(
                 f"`state` does not match `model` and this {type(self).__name__}: its "

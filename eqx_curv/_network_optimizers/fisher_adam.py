@@ -14,11 +14,11 @@ from .._misc import check_hyperparameter, is_traced, RealScalarLike, shown
 from .base import (
     AbstractNetworkOptimizer,
     cast_like,
+    is_zero,
     LearningRate,
     Objective,
     promoted_dtype,
     Proposal,
-    tree_select,
 )
 
 
@@ -33,12 +33,6 @@ class _FisherAdamStats(eqx.Module):
     momentum: PyTree[Array] | None  # m, the EMA of gradients (None without momentum)
     fisher: PyTree[Array]  # v, the EMA of squared gradients: the diagonal Fisher
     damping: Float[Array, ""]  # lambda, adapted where `adaptive_damping`
-
-
-def _is_zero(value) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-    )
 
 
 def _power(x: Array, exponent: RealScalarLike) -> Array:
@@ -96,7 +90,7 @@ class AbstractFisherAdam(AbstractNetworkOptimizer[_FisherAdamStats, PyTree[Array
 
     def init_stats(self, params: PyTree[Array]) -> _FisherAdamStats:
         zeros = jax.tree.map(jnp.zeros_like, params)
-        momentum = None if _is_zero(self.momentum) else zeros
+        momentum = None if is_zero(self.momentum) else zeros
         dtype = promoted_dtype(params)
         damping = jnp.asarray(self.damping).astype(dtype)
         return _FisherAdamStats(momentum, zeros, damping)
@@ -179,15 +173,16 @@ class AbstractFisherAdam(AbstractNetworkOptimizer[_FisherAdamStats, PyTree[Array
         if self.adaptive_damping:
             # The quadratic model q(u) = g.u + 1/2 u.(D / lr).u, for which
             # u = -lr D^{-1} g is the minimiser (without momentum); with
-            # u = -lr D^{-1} m, its curvature term is lr/2 sum(m^2 / D).
+            # u = -lr D^{-1} m, its curvature term u.(D / lr).u is -m.u (no second
+            # division by D).
             dtype = stats.damping.dtype
             linear = sum(
                 jnp.sum(g * u).astype(dtype)
                 for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates))
             )
-            curvature = sum(
-                (cast_like(learning_rate, m) * jnp.sum(m * m / d)).astype(dtype)
-                for m, d in zip(jax.tree.leaves(first), jax.tree.leaves(diagonal))
+            curvature = -sum(
+                jnp.sum(m * u).astype(dtype)
+                for m, u in zip(jax.tree.leaves(first), jax.tree.leaves(updates))
             )
             info["predicted_change"] = jnp.asarray(linear + curvature / 2, dtype)
         return updates, _FisherAdamStats(momentum, fisher, stats.damping), info
@@ -222,8 +217,7 @@ class AbstractFisherAdam(AbstractNetworkOptimizer[_FisherAdamStats, PyTree[Array
         # A step that raises the loss on its own batch (or makes it non-finite) is
         # rejected; the statistics still take in this batch's gradient.
         accept = trial <= proposal.loss
-        zeros = jax.tree.map(jnp.zeros_like, proposal.updates)
-        updates = tree_select(accept, proposal.updates, zeros)
+        updates = jax.tree.map(lambda u: jnp.where(accept, u, 0), proposal.updates)
         info["reduction_ratio"] = rho
         info["accepted"] = accept
         new_stats = _FisherAdamStats(stats.momentum, stats.fisher, new_damping)

@@ -12,6 +12,7 @@ from .._misc import check_hyperparameter, RealScalarLike, shown
 from .base import (
     AbstractNetworkOptimizer,
     cast_like,
+    is_zero,
     LearningRate,
     Objective,
     Proposal,
@@ -21,12 +22,6 @@ from .base import (
 class _SGDStats(eqx.Module):
     # The momentum buffer b (None without momentum).
     momentum: PyTree[Array] | None
-
-
-def _is_zero(value) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-    )
 
 
 class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
@@ -50,7 +45,7 @@ class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
         )
 
     def init_stats(self, params: PyTree[Array]) -> _SGDStats:
-        if _is_zero(self.momentum):
+        if is_zero(self.momentum):
             return _SGDStats(None)
         return _SGDStats(jax.tree.map(jnp.zeros_like, params))
 
@@ -61,7 +56,7 @@ class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
         return False
 
     def uses_params(self) -> bool:
-        return not _is_zero(self.weight_decay)
+        return not is_zero(self.weight_decay)
 
     def evaluate(
         self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
@@ -98,7 +93,7 @@ class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
 
         def update(d, p):
             lr = cast_like(learning_rate, p)
-            if _is_zero(self.weight_decay):
+            if is_zero(self.weight_decay):
                 return -lr * d
             return -lr * (d + cast_like(self.weight_decay, p) * p)
 

@@ -19,7 +19,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import check_scalar, structure_of as structure_of, zeros_from
+from .._misc import check_scalar, known_values, structure_of as structure_of, zeros_from
 
 
 def _describe(structure: PyTree[jax.ShapeDtypeStruct]) -> str:
@@ -122,6 +122,25 @@ def spectrum_tolerance(values: np.ndarray, size: int) -> float:
     """How far below zero a computed eigenvalue of a PSD matrix may fall by rounding."""
     eps = float(np.finfo(values.dtype).eps)
     return 10 * size * eps * float(np.max(np.abs(values), initial=0.0))
+
+
+def check_psd_eigenvalues(eigenvalues, fix: str) -> None:
+    """Eigenvalues known at trace time under a PSD tag: none clearly below zero.
+
+    Rounding may take a PSD matrix's computed eigenvalues slightly below zero
+    (`spectrum_tolerance`); anything further is a `ValueError` ending with `fix`.
+    Traced eigenvalues cannot be checked: the tag is then the caller's promise.
+    """
+    value = known_values(eigenvalues)
+    if value is None or value.size == 0:
+        return
+    lowest = float(value.min())
+    if lowest < -spectrum_tolerance(value, value.size):
+        raise ValueError(
+            f"The eigenvalues include {lowest:.3g}, but the operator is tagged "
+            "`lineax.positive_semidefinite_tag`, which promises non-negative ones. "
+            f"{fix}"
+        )
 
 
 def is_concretely_symmetric(matrix: np.ndarray) -> bool:

@@ -14,7 +14,7 @@ from .base import (
     AbstractCurvatureOperator,
     as_tags,
     check_damping,
-    spectrum_tolerance,
+    check_psd_eigenvalues,
 )
 
 
@@ -147,16 +147,9 @@ class EighOperator(AbstractCurvatureOperator):
                 )
         eigenvalues = jnp.asarray(eigenvalues)
         if lx.positive_semidefinite_tag in tags:
-            value = known_values(eigenvalues)
-            if value is not None and float(
-                value.min(initial=0.0)
-            ) < -spectrum_tolerance(value, value.size):
-                raise ValueError(
-                    f"The eigenvalues include {float(value.min()):.3g}, but the "
-                    "operator is tagged `lineax.positive_semidefinite_tag`, which "
-                    "promises non-negative ones. Drop the tag, or take `abs()` of an "
-                    "indefinite operator."
-                )
+            check_psd_eigenvalues(
+                eigenvalues, "Drop the tag, or take `abs()` of an indefinite operator."
+            )
             # A PSD matrix's computed eigenvalues may fall below zero by rounding;
             # clipped, its powers (square roots, inverse roots) stay real.
             eigenvalues = jnp.maximum(eigenvalues, 0)

@@ -39,17 +39,19 @@ from .base import (
 )
 
 
-def _batch_size(inputs: PyTree[Array]) -> int:
-    leaves = jax.tree.leaves(inputs)
+def batch_size(tree: PyTree[Array], name: str = "inputs") -> int:
+    """The common leading-axis size of a batch's arrays; a sentence otherwise."""
+    leaves = jax.tree.leaves(tree)
     if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
         raise ValueError(
-            "`inputs` must be a batch: arrays with a leading batch axis (the model maps "
-            "one example and is vmapped over that axis)."
+            f"`{name}` must be a batch: arrays with a leading batch axis (the model "
+            "maps one example and is vmapped over that axis)."
         )
     sizes = {jnp.shape(x)[0] for x in leaves}
     if len(sizes) != 1:
         raise ValueError(
-            f"Every array in `inputs` must have the same batch size, got {sorted(sizes)}."
+            f"Every array in `{name}` must have the same batch size, got "
+            f"{sorted(sizes)}."
         )
     return sizes.pop()
 
@@ -100,7 +102,7 @@ def apply_batched(
         return jax.vmap(
             lambda x, s: call(x, None, s), in_axes=(0, None), axis_name=axis_name
         )(inputs, state)
-    keys = jax.random.split(key, _batch_size(inputs))
+    keys = jax.random.split(key, batch_size(inputs))
     return jax.vmap(call, in_axes=(0, 0, None), axis_name=axis_name)(
         inputs, keys, state
     )
@@ -247,7 +249,7 @@ def _batched_model(
         )
     check_inexact_params(params, name="model")
     inputs = jax.tree.map(jnp.asarray, inputs)
-    if _batch_size(inputs) == 0:
+    if batch_size(inputs) == 0:
         raise ValueError(
             "`inputs` is an empty batch (leading axis of size 0): the mean loss over no "
             "examples, and so its curvature, is undefined. Pass at least one example."

@@ -27,6 +27,7 @@ from .base import (
     AbstractCurvatureOperator,
     as_tags,
     check_damping,
+    check_psd_eigenvalues,
     is_concretely_symmetric,
     spectrum_tolerance,
     transpose_of,
@@ -355,16 +356,9 @@ class KroneckerEigenOperator(AbstractCurvatureOperator):
             )
         eigenvalues = jnp.asarray(eigenvalues, left_vectors.dtype)
         tags = as_tags(tags) | {lx.symmetric_tag}
-        value = known_values(eigenvalues)
-        if (
-            lx.positive_semidefinite_tag in tags
-            and value is not None
-            and float(value.min()) < -spectrum_tolerance(value, value.size)
-        ):
-            raise ValueError(
-                f"`eigenvalues` has the entry {float(value.min()):.3g}, but the "
-                "operator is tagged `lineax.positive_semidefinite_tag`, which promises "
-                "non-negative eigenvalues. Drop the tag or clip the eigenvalues."
+        if lx.positive_semidefinite_tag in tags:
+            check_psd_eigenvalues(
+                eigenvalues, "Drop the tag, or clip the eigenvalues at zero."
             )
         self.left_vectors = left_vectors
         self.right_vectors = right_vectors

@@ -49,7 +49,13 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .._misc import check_hyperparameter, checked_hyperparameter, RealScalarLike, shown
+from .._misc import (
+    check_hyperparameter,
+    check_number_fields,
+    checked_hyperparameter,
+    RealScalarLike,
+    shown,
+)
 
 
 class _Trial(eqx.Module):
@@ -203,19 +209,13 @@ class StrongWolfe(AbstractLineSearch):
     rounding: RealScalarLike = 4.0
 
     def __check_init__(self):
+        check_number_fields(self)  # real, finite numbers; max_evals a positive int
         c1, c2 = self.c1, self.c2
         check_hyperparameter(
             (0 < c1) & (c1 < c2) & (c2 < 1),
             f"`StrongWolfe` needs 0 < c1 < c2 < 1, got c1={shown(c1)}, "
             f"c2={shown(c2)}. The usual choice is c1=1e-4 with c2=0.9 (Newton, "
             "quasi-Newton).",
-        )
-        check_hyperparameter(
-            isinstance(self.max_evals, int)
-            and not isinstance(self.max_evals, bool)
-            and self.max_evals >= 1,
-            f"`StrongWolfe` needs `max_evals` to be a positive int, got "
-            f"{self.max_evals!r}.",
         )
         check_hyperparameter(
             self.max_step > 0,
@@ -464,13 +464,7 @@ class OptimistixSearch(AbstractLineSearch):
             f"{type(self.search).__name__}. For eqx_curv's own line search pass "
             "`eqx_curv.StrongWolfe()` to the minimiser directly.",
         )
-        check_hyperparameter(
-            isinstance(self.max_evals, int)
-            and not isinstance(self.max_evals, bool)
-            and self.max_evals >= 1,
-            f"`OptimistixSearch` needs `max_evals` to be a positive int, got "
-            f"{self.max_evals!r}.",
-        )
+        check_number_fields(self)  # max_evals a positive int
 
     def __call__(
         self,
