@@ -258,7 +258,8 @@ def _spectrum_matrix(values, seed):
     return (q * np.asarray(values)) @ q.T
 
 
-def _block_diagonal_dense(*blocks):
+def block_diagonal_dense(*blocks):
+    """The dense block-diagonal matrix of square NumPy blocks, in order."""
     n = sum(b.shape[0] for b in blocks)
     out, i = np.zeros((n, n)), 0
     for b in blocks:
@@ -347,7 +348,7 @@ def _structured():
         # ravel_pytree orders the dict keys: "b", then "w".
         "block_diagonal": (
             block_diagonal,
-            _block_diagonal_dense(np.diag(d["b"]), np.kron(a, b)),
+            block_diagonal_dense(np.diag(d["b"]), np.kron(a, b)),
             True,
         ),
     }

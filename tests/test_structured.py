@@ -10,6 +10,7 @@ import jaxtyping
 import lineax as lx
 import numpy as np
 import pytest
+from helpers import block_diagonal_dense
 
 import eqx_curv
 
@@ -49,21 +50,12 @@ def _blocks(seed):
     return blocks, dense
 
 
-def _block_diag(mats):
-    n = sum(m.shape[0] for m in mats)
-    out, i = np.zeros((n, n)), 0
-    for m in mats:
-        out[i : i + m.shape[0], i : i + m.shape[0]] = m
-        i += m.shape[0]
-    return out
-
-
 @hypothesis.given(seed=st.integers(0, 2**16))
 def test_block_diagonal_against_dense(seed):
     blocks, mats = _blocks(seed)
     op = eqx_curv.BlockDiagonalOperator(blocks)
     # ravel_pytree orders dict keys: "b", "m", "w".
-    dense = _block_diag([mats[1], mats[2], mats[0]])
+    dense = block_diagonal_dense(mats[1], mats[2], mats[0])
     structure = op.in_structure()
     assert structure["w"].shape == (3, 2) and structure["b"].shape == (4,)
     v = jax.tree.map(
@@ -79,7 +71,7 @@ def test_block_diagonal_against_dense(seed):
 def test_block_diagonal_solves():
     blocks, mats = _blocks(7)
     op = eqx_curv.BlockDiagonalOperator(blocks)
-    dense = _block_diag([mats[1], mats[2], mats[0]])
+    dense = block_diagonal_dense(mats[1], mats[2], mats[0])
     v = {"w": jnp.ones((3, 2)), "b": jnp.arange(4.0), "m": jnp.ones(5)}
     for solver in (lx.CG(rtol=1e-12, atol=1e-12), lx.Cholesky(), lx.LU()):
         sol = lx.linear_solve(op, v, solver).value
