@@ -117,25 +117,29 @@ def block_norms(blocks: Array) -> Array:
 
 
 def apply_grouped(
-    fn: Callable[[Hashable, Array], Any], items: Sequence[tuple[Hashable, Array]]
+    fn: Callable[[Hashable, Any], Any], items: Sequence[tuple[Hashable, Any]]
 ) -> list[Any]:
-    """`fn(key, stacked)` once per distinct `key`, on the arrays of that key stacked.
+    """`fn(key, stacked)` once per distinct `key`, on the items of that key stacked.
 
-    Each item is `(key, array)` with `array` of shape `[n_j, ...]`; arrays with equal
-    keys must agree past the leading axis. `fn` returns a PyTree whose leaves have
-    the stacked leading axis; the result lists, for every item, its own slice.
+    Each item is `(key, tree)`: a PyTree of arrays with a common leading axis; trees
+    with equal keys must agree in structure and past the leading axis, and are
+    concatenated along it. `fn` returns a PyTree whose leaves have the stacked
+    leading axis; the result lists, for every item, its own slice of that.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, (key, _) in enumerate(items):
         groups.setdefault(key, []).append(index)
     results: list[Any] = [None] * len(items)
     for key, indices in groups.items():
-        arrays = [items[i][1] for i in indices]
-        stacked = arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
+        trees = [items[i][1] for i in indices]
+        if len(trees) == 1:
+            stacked = trees[0]
+        else:
+            stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
         out = fn(key, stacked)
         start = 0
-        for i, array in zip(indices, arrays):
-            part = slice(start, start + array.shape[0])
+        for i, tree in zip(indices, trees):
+            part = slice(start, start + jax.tree.leaves(tree)[0].shape[0])
             results[i] = jax.tree.map(lambda leaf, part=part: leaf[part], out)
             start = part.stop
     return results
