@@ -29,6 +29,43 @@ from .base import (
 _RHO_LOW, _RHO_HIGH = 0.25, 0.75
 
 
+def levenberg_marquardt(
+    objective: Objective,
+    params: PyTree[Array],
+    loss: Scalar,
+    updates: PyTree[Array],
+    predicted: Float[Array, ""],
+    damping: Float[Array, ""],
+    damping_factor: RealScalarLike,
+) -> tuple[Float[Array, ""], PyTree[Array], dict[str, Array]]:
+    """The Levenberg-Marquardt rule: judge `updates` by the loss on the same batch.
+
+    One extra evaluation of the loss at `params + updates`; the reduction ratio
+    `rho = (L(params + updates) - loss) / predicted` against the quadratic model's
+    `predicted` change divides the damping by `damping_factor` where `rho > 3/4` and
+    multiplies it where `rho < 1/4` (kept within `[eps^2, 1/eps^2]`). A step that raises
+    the batch loss (or makes it non-finite) is rejected: its updates become zeros.
+
+    **Returns:** `(new_damping, updates, info)` with `info` holding `reduction_ratio`
+    and `accepted`.
+    """
+    dtype = damping.dtype
+    trial = objective.value(jax.tree.map(lambda p, u: p + u, params, updates))
+    actual = (trial - loss).astype(dtype)
+    # A model that predicts no decrease (a zero learning rate, or momentum against
+    # the gradient) says nothing about the damping: rho = 1/2 keeps it.
+    rho = jnp.where(predicted < 0, actual / jnp.where(predicted < 0, predicted, 1), 0.5)
+    factor = cast_like(damping_factor, damping)
+    scale = jnp.where(
+        rho > _RHO_HIGH, 1 / factor, jnp.where(rho >= _RHO_LOW, 1, factor)
+    )
+    eps = jnp.finfo(dtype).eps
+    new_damping = jnp.clip(damping * scale, eps**2, 1 / eps**2)
+    accept = trial <= loss
+    updates = jax.tree.map(lambda u: jnp.where(accept, u, 0), updates)
+    return new_damping, updates, {"reduction_ratio": rho, "accepted": accept}
+
+
 class _FisherAdamStats(eqx.Module):
     momentum: PyTree[Array] | None  # m, the EMA of gradients (None without momentum)
     fisher: PyTree[Array]  # v, the EMA of squared gradients: the diagonal Fisher
@@ -196,30 +233,18 @@ class AbstractFisherAdam(AbstractNetworkOptimizer[_FisherAdamStats, PyTree[Array
         if not self.adaptive_damping:
             return proposal
         stats, info = proposal.stats, dict(proposal.info)
-        damping = stats.damping
-        dtype = damping.dtype
-        trial = objective.value(
-            jax.tree.map(lambda p, u: p + u, params, proposal.updates)
+        # A rejected step keeps the parameters; the statistics still take in this
+        # batch's gradient.
+        new_damping, updates, judged = levenberg_marquardt(
+            objective,
+            params,
+            proposal.loss,
+            proposal.updates,
+            info["predicted_change"],
+            stats.damping,
+            self.damping_factor,
         )
-        actual = (trial - proposal.loss).astype(dtype)
-        predicted = info["predicted_change"]
-        # A model that predicts no decrease (a zero learning rate, or momentum against
-        # the gradient) says nothing about the damping: rho = 1/2 keeps it.
-        rho = jnp.where(
-            predicted < 0, actual / jnp.where(predicted < 0, predicted, 1), 0.5
-        )
-        factor = cast_like(self.damping_factor, damping)
-        scale = jnp.where(
-            rho > _RHO_HIGH, 1 / factor, jnp.where(rho >= _RHO_LOW, 1, factor)
-        )
-        eps = jnp.finfo(dtype).eps
-        new_damping = jnp.clip(damping * scale, eps**2, 1 / eps**2)
-        # A step that raises the loss on its own batch (or makes it non-finite) is
-        # rejected; the statistics still take in this batch's gradient.
-        accept = trial <= proposal.loss
-        updates = jax.tree.map(lambda u: jnp.where(accept, u, 0), proposal.updates)
-        info["reduction_ratio"] = rho
-        info["accepted"] = accept
+        info.update(judged)
         new_stats = _FisherAdamStats(stats.momentum, stats.fisher, new_damping)
         return Proposal(proposal.loss, proposal.grads, updates, new_stats, info)
 
