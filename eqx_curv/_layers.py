@@ -36,6 +36,7 @@ separately, reduce when the tokens are pooled right after the layer.
 """
 
 import abc
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, Literal
@@ -519,41 +520,37 @@ def _tap(site: Site, x: Array, y: Array, probes: Probes) -> Array:
     return tap(x, y, probes)
 
 
-class BypassedTap(AttributeError):
-    """The model read a registered layer's parameters instead of calling the layer."""
-
-    def __init__(self, path: tuple):
-        super().__init__(
-            f"The model reads the parameters of the layer at "
-            f"`model{jax.tree_util.keystr(path)}` directly instead of calling it."
-        )
-        self.path = path
+# The paths of the sites whose tap ran while `usable_layout` traced the model.
+_CALLED: list[set] = []
 
 
-class Tapped(eqx.Module):
-    """A registered layer that passes its output through the tap."""
+@functools.cache
+def _tapped_class(cls: type) -> type:
+    """A subclass of the layer's own class whose calls pass through the tap.
 
-    layer: Any
-    probes: Probes
-    site: Site = eqx.field(static=True)
+    A subclass, not a wrapper: the tapped layer is still an instance of its type (for
+    code that checks), and keeps its fields, so code that reads them still works.
+    """
 
-    def __call__(self, x, *args, **kwargs):
-        x = jnp.asarray(x)
-        y = self.layer(x, *args, **kwargs)
-        return _tap(self.site, x, y, self.probes)
+    class TappedLayer(cls):  # pyright: ignore[reportGeneralTypeIssues]  # a runtime base
+        kfac_probes: Probes
+        kfac_site: Site = eqx.field(static=True)
 
-    def __getattr__(self, name: str) -> Any:
-        # A model may read the layer's static fields (`self.head.out_features`). Its
-        # parameters it must not read: that would bypass the tap, so it is refused,
-        # and the layer falls back to diagonal blocks (`usable_layout`).
-        try:
-            layer = self.__dict__["layer"]
-            site = self.__dict__["site"]
-        except KeyError:
-            raise AttributeError(name) from None
-        if name in site.rule.parameter_names(layer):
-            raise BypassedTap(site.path)
-        return getattr(layer, name)
+        def __init__(self, layer, probes, site):
+            for field in dataclasses.fields(layer):
+                object.__setattr__(self, field.name, getattr(layer, field.name))
+            self.kfac_probes = probes
+            self.kfac_site = site
+
+        def __call__(self, x, *args, **kwargs):
+            if _CALLED:
+                _CALLED[-1].add(self.kfac_site.path)
+            x = jnp.asarray(x)
+            y = cls.__call__(self, x, *args, **kwargs)
+            return _tap(self.kfac_site, x, y, self.kfac_probes)
+
+    TappedLayer.__name__ = TappedLayer.__qualname__ = f"Tapped{cls.__name__}"
+    return TappedLayer
 
 
 def zero_probes(layout: Layout, batch: int, dtype: Any) -> tuple[Probes, ...]:
@@ -576,15 +573,16 @@ def zero_probes(layout: Layout, batch: int, dtype: Any) -> tuple[Probes, ...]:
 
 
 def tap_model(model: PyTree, layout: Layout, probes: tuple[Probes, ...]) -> PyTree:
-    """`model` with every registered layer wrapped in a `Tapped`."""
+    """`model` with every registered layer replaced by its tapped subclass."""
     if not layout.sites:
         return model
     return eqx.tree_at(
         lambda m: [get_at(m, site.path) for site in layout.sites],
         model,
         replace=[
-            Tapped(get_at(model, site.path), p, site)
+            _tapped_class(type(layer))(layer, p, site)
             for site, p in zip(layout.sites, probes)
+            for layer in [get_at(model, site.path)]
         ],
     )
 
@@ -676,30 +674,28 @@ def usable_layout(
     model_key: PRNGKeyArray | None,
     dtype: Any,
 ) -> Layout:
-    """`layout` without the sites whose parameters the model reads directly.
+    """`layout` without the sites that the model never calls.
 
     A model that uses a registered layer's weight without calling the layer (an
-    `einsum` with `self.proj.weight`) cannot be seen by the tap; those parameters
-    go to diagonal blocks instead. Found by tracing the model's shapes (no compute).
+    `einsum` with `self.proj.weight`), or not at all, gives the tap nothing to see:
+    those parameters go to diagonal blocks instead. Found by tracing the model's
+    shapes once (no computation).
     """
-    while layout.sites:
-        try:
-            jax.eval_shape(
-                lambda p, lay=layout: linearise(
-                    lay, p, static, inputs, model_key, dtype
-                )[0],
-                params,
-            )
-        except BypassedTap as error:
-            sites = tuple(s for s in layout.sites if s.path != error.path)
-            if len(sites) == len(layout.sites):
-                raise
-            dropped = [s for s in layout.sites if s.path == error.path][0]
-            extra = [dropped.weight_index]
-            if dropped.bias_index is not None:
-                extra.append(dropped.bias_index)
-            diagonal = tuple(sorted((*layout.diagonal_indices, *extra)))
-            layout = Layout(sites, diagonal, layout.treedef, layout.approximation)
-        else:
-            break
-    return layout
+    if not layout.sites:
+        return layout
+    _CALLED.append(set())
+    try:
+        jax.eval_shape(
+            lambda p: linearise(layout, p, static, inputs, model_key, dtype)[0], params
+        )
+        called = _CALLED[-1]
+    finally:
+        _CALLED.pop()
+    sites = tuple(s for s in layout.sites if s.path in called)
+    if len(sites) == len(layout.sites):
+        return layout
+    dropped = [s for s in layout.sites if s.path not in called]
+    extra = [s.weight_index for s in dropped]
+    extra += [s.bias_index for s in dropped if s.bias_index is not None]
+    diagonal = tuple(sorted((*layout.diagonal_indices, *extra)))
+    return Layout(sites, diagonal, layout.treedef, layout.approximation)

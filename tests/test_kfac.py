@@ -1,0 +1,557 @@
+"""K-FAC: layers found by type, `KFACOperator` against dense constructions, and the
+`KFAC` optimizer.
+
+Every dense reference is built independently of the library's capture: per-example,
+per-position inputs by hand (unfolded patches, token matrices) and output gradients
+from perturbations added where the layer's output goes (`process_heads` for
+attention, explicit arguments for tied weights), in float64 on tiny models.
+"""
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def _ravel(tree):
+    return jax.flatten_util.ravel_pytree(tree)[0]
+
+
+def _offsets(model):
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    return np.cumsum([0] + [x.size for x in leaves])
+
+
+def _aug(a):
+    return jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Exactness, estimators, diagonal blocks.
+
+
+class _ScannedLinear(eqx.Module):
+    """A deep linear network whose square blocks are stacked and applied by lax.scan."""
+
+    first: eqx.nn.Linear
+    blocks: eqx.nn.Linear  # stacked: weight [3, 4, 4]
+    last: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.first = eqx.nn.Linear(3, 4, key=k1, dtype=jnp.float64)
+        make = lambda k: eqx.nn.Linear(4, 4, key=k, dtype=jnp.float64)  # noqa: E731
+        self.blocks = eqx.filter_vmap(make)(jax.random.split(k2, 3))
+        self.last = eqx.nn.Linear(4, 2, key=k3, dtype=jnp.float64)
+
+    def __call__(self, x):
+        dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(h, d):
+            return eqx.combine(d, static)(h), None
+
+        h, _ = jax.lax.scan(body, self.first(x), dynamic)
+        return self.last(h)
+
+
+def _block_indices(model):
+    """ravel indices of each stacked block's (weight, bias) and of every layer."""
+    off = _offsets(model)
+    return off
+
+
+def test_type2_equals_ggn_blocks_on_deep_linear_networks():
+    import eqx_curv
+
+    loss = eqx_curv.MeanSquaredError()
+    x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (7, 2), jnp.float64)
+    # Plain layers and lax.scan-stacked ones.
+    for model in (_ScannedLinear(jax.random.key(3)),):
+        kfac = eqx_curv.KFACOperator(model, loss, x, y).as_matrix()
+        ggn = eqx_curv.GGNOperator(model, loss, x).as_matrix()
+        off = _offsets(model)
+        mask = np.zeros(kfac.shape, bool)
+        groups = []
+        for layer in range(len(off) // 2):
+            w = np.arange(off[2 * layer], off[2 * layer + 1])
+            b = np.arange(off[2 * layer + 1], off[2 * layer + 2])
+            stack = 3 if layer == 1 else 1
+            w, b = w.reshape(stack, -1), b.reshape(stack, -1)
+            groups += [np.concatenate([w[s], b[s]]) for s in range(stack)]
+        for idx in groups:
+            block = np.ix_(idx, idx)
+            mask[block] = True
+            np.testing.assert_allclose(kfac[block], ggn[block], atol=1e-12)
+        assert np.all(kfac[~mask] == 0)
+
+
+def test_mc_converges_to_type2_and_diagonal_blocks_are_ggn_diagonal():
+    from models import make_problem
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("layernorm", "softmax", jax.random.key(0))
+    exact = eqx_curv.KFACOperator(model, loss, x, y).as_matrix()
+    mc = eqx_curv.KFACOperator(
+        model, loss, x, fisher_type="mc", key=jax.random.key(1), num_samples=4000
+    ).as_matrix()
+    rel = np.linalg.norm(mc - exact) / np.linalg.norm(exact)
+    assert rel < 0.05, rel
+    # The LayerNorm's weight and bias are diagonal blocks: the GGN's diagonal.
+    off = _offsets(model)
+    norm = np.arange(off[2], off[4])
+    ggn = _ravel(eqx_curv.exact_diagonal(eqx_curv.GGNOperator(model, loss, x)))
+    np.testing.assert_allclose(np.diag(exact)[norm], ggn[norm], rtol=1e-10)
+    off_diagonal = exact[np.ix_(norm, norm)] - np.diag(np.diag(exact)[norm])
+    assert np.all(off_diagonal == 0)
+
+
+def test_empirical_factors_are_per_example_outer_products():
+    from models import make_problem
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("layernorm", "softmax", jax.random.key(4))
+    op = eqx_curv.KFACOperator(model, loss, x, y, fisher_type="empirical")
+    n = x.shape[0]
+
+    def per_example(xi, yi, eps):
+        h = model.first(xi)
+        out = model.last(jax.nn.gelu(model.norm(h))) + eps
+        return loss(out[None], yi[None])
+
+    # Output gradients of the last layer and the inputs it saw, example by example.
+    g = jax.vmap(jax.grad(per_example, argnums=2))(x, y, jnp.zeros((n, 3)))
+    a = _aug(jax.vmap(lambda xi: jax.nn.gelu(model.norm(model.first(xi))))(x))
+    np.testing.assert_allclose(op.factors.left[1][0], g.T @ g / n, rtol=1e-10)
+    np.testing.assert_allclose(op.factors.right[1][0], a.T @ a / n, rtol=1e-10)
+    # Diagonal blocks: the empirical Fisher's diagonal.
+    off = _offsets(model)
+    norm = np.arange(off[2], off[4])
+    emp = _ravel(
+        eqx_curv.exact_diagonal(eqx_curv.EmpiricalFisherOperator(model, loss, x, y))
+    )
+    np.testing.assert_allclose(np.diag(op.as_matrix())[norm], emp[norm], rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Convolutions: patches unfolded by hand.
+
+
+def _unfold_2d(x, kernel, stride, padding, dilation):
+    """[positions, channels * kh * kw] patches, channel-major, by explicit loops."""
+    c, h, w = x.shape
+    (pt, pb), (pl, pr) = padding
+    xp = np.pad(np.asarray(x), ((0, 0), (pt, pb), (pl, pr)))
+    kh, kw = kernel
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    rows = []
+    for i in range(0, xp.shape[1] - span_h + 1, stride[0]):
+        for j in range(0, xp.shape[2] - span_w + 1, stride[1]):
+            patch = xp[:, i : i + span_h : dilation[0], j : j + span_w : dilation[1]]
+            rows.append(patch.reshape(-1))
+    return np.stack(rows)
+
+
+class _ConvNet(eqx.Module):
+    conv: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(
+            4, 6, (3, 2), stride=(2, 1), padding=((1, 0), (1, 1)), dilation=(1, 2),
+            groups=2, key=k1, dtype=jnp.float64,
+        )  # fmt: skip
+        self.head = eqx.nn.Linear(6 * 2 * 5, 3, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x, eps=None):
+        h = self.conv(x)
+        if eps is not None:
+            h = h + eps
+        return self.head(jnp.tanh(h).reshape(-1))
+
+
+def test_conv_factors_equal_hand_unfolded_patches():
+    import eqx_curv
+
+    model = _ConvNet(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 4, 5, 5), jnp.float64)
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    op = eqx_curv.KFACOperator(model, loss, x)
+    conv = model.conv
+    out = jax.vmap(conv)(x)  # [N, 6, 3, 5]
+    n, positions = x.shape[0], out.shape[2] * out.shape[3]
+    patches = np.stack(
+        [_unfold_2d(xi, (3, 2), (2, 1), ((1, 0), (1, 1)), (1, 2)) for xi in x]
+    )  # [N, R, 4 * 3 * 2]
+    # The hand patches reproduce the convolution, group by group.
+    w = np.asarray(conv.weight).reshape(2, 3, -1)
+    bias = np.asarray(conv.bias).reshape(2, 3)
+    for k in range(2):
+        p = patches[..., k * 12 : (k + 1) * 12]
+        y = np.einsum("oi,nri->nor", w[k], p) + bias[k][None, :, None]
+        np.testing.assert_allclose(y, out[:, 3 * k : 3 * k + 3].reshape(n, 3, -1))
+    # Output gradients per position, for each column of the loss Hessian's root.
+    logits = jax.vmap(model)(x)
+    roots = loss.hessian_sqrt(logits)  # [N, 3, 3]
+
+    def grads(xi, s):
+        return jax.grad(lambda e: model(xi, e) @ s)(jnp.zeros(out.shape[1:]))
+
+    g = jax.vmap(lambda xi, r: jax.vmap(lambda s: grads(xi, s))(r.T))(x, roots)
+    g = np.asarray(g).reshape(n, 3, 6, positions)  # [N, C, out, R]
+    for k in range(2):
+        a = _aug(jnp.asarray(patches[..., k * 12 : (k + 1) * 12]))
+        right = np.einsum("nri,nrj->ij", a, a) / (n * positions)
+        gk = g[:, :, 3 * k : 3 * k + 3]
+        left = np.einsum("ncir,ncjr->ij", gk, gk) / n
+        np.testing.assert_allclose(op.factors.right[0][k], right, rtol=1e-10)
+        np.testing.assert_allclose(op.factors.left[0][k], left, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv_rows_reproduce_convolutions_in_other_dimensions(dims):
+    from eqx_curv._layers import ConvRule
+
+    conv = eqx.nn.Conv(
+        dims, 4, 6, 3, stride=2, padding=1, dilation=1 if dims == 3 else 2,
+        groups=2, key=jax.random.key(0), dtype=jnp.float64,
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (4, *(5,) * dims), jnp.float64)
+    rule = ConvRule()
+
+    @jax.jit
+    def both(conv, x):
+        rows = rule.input_rows(conv, x)  # [R, G, n]
+        matrix = rule.to_matrix(conv, conv.weight, conv.bias)  # [G, m, n + 1]
+        y = jnp.einsum("gmi,rgi->rgm", matrix[..., :-1], rows) + matrix[None, ..., -1]
+        return y, conv(x).reshape(6, -1).T.reshape(-1, 2, 3), matrix
+
+    y, expected, matrix = both(conv, x)
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    weight, bias = rule.from_matrix(conv, matrix)
+    assert weight.shape == conv.weight.shape and bias.shape == conv.bias.shape
+
+
+# ---------------------------------------------------------------------------------------
+# Layers applied several times per example: expand and reduce against dense sums.
+
+
+def _dense_factors(a, g, approximation):
+    """Factors from per-example, per-position inputs `a` [N, R, n] (bias column
+    included) and output gradients `g` [N, C, R, m] (one per cotangent column)."""
+    n, r = a.shape[:2]
+    if approximation == "expand":
+        right = np.einsum("nri,nrj->ij", a, a) / (n * r)
+        left = np.einsum("ncri,ncrj->ij", g, g) / n
+    else:
+        mean_a, sum_g = a.mean(axis=1), g.sum(axis=2)
+        right = np.einsum("ni,nj->ij", mean_a, mean_a) / n
+        left = np.einsum("nci,ncj->ij", sum_g, sum_g) / n
+    return left, right
+
+
+def _output_gradients(fn, x, roots, zeros):
+    """[N, C, ...] gradients of `s_c . fn(x_n, eps)` with respect to `eps` at 0."""
+
+    def one(xi, root):
+        return jax.vmap(lambda s: jax.grad(lambda e: fn(xi, e) @ s)(zeros))(root.T)
+
+    return jax.vmap(one)(x, roots)
+
+
+class _AttentionNet(eqx.Module):
+    attention: eqx.nn.MultiheadAttention
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.attention = eqx.nn.MultiheadAttention(
+            2, 4, use_query_bias=True, use_key_bias=True, use_value_bias=True,
+            use_output_bias=True, key=k1, dtype=jnp.float64,
+        )  # fmt: skip
+        self.head = eqx.nn.Linear(4, 3, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x, eps=None):
+        if eps is None:
+            out = self.attention(x, x, x)
+        else:
+
+            def heads(q, k, v):  # fmt: skip
+                return (q + eps[0].reshape(q.shape), k + eps[1].reshape(k.shape),
+                        v + eps[2].reshape(v.shape))  # fmt: skip
+
+            out = self.attention(x, x, x, process_heads=heads) + eps[3]
+        return self.head(jnp.tanh(out).mean(axis=0))
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_attention_projections_get_expand_and_reduce_factors(approximation):
+    import eqx_curv
+
+    model = _AttentionNet(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)  # 5 tokens
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    op = eqx_curv.KFACOperator(model, loss, x, approximation=approximation)
+    names = [jax.tree_util.keystr(s.path) for s in op.layout.sites]
+    assert names == [
+        ".attention.query_proj", ".attention.key_proj", ".attention.value_proj",
+        ".attention.output_proj", ".head",
+    ]  # fmt: skip
+    roots = loss.hessian_sqrt(jax.vmap(model)(x))
+    g = _output_gradients(model, x, roots, jnp.zeros((4, 5, 4)))  # [N, C, 4, R, m]
+    a = _aug(x)
+    for site in range(4):
+        left, right = _dense_factors(a, np.asarray(g[:, :, site]), approximation)
+        np.testing.assert_allclose(op.factors.left[site][0], left, atol=1e-12)
+        if site < 3:  # the output projection's inputs are internal to the layer
+            np.testing.assert_allclose(op.factors.right[site][0], right, atol=1e-12)
+
+
+class _Tied(eqx.Module):
+    layer: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.layer = eqx.nn.Linear(3, 3, key=k1, dtype=jnp.float64)
+        self.head = eqx.nn.Linear(3, 2, key=k2, dtype=jnp.float64)
+
+    def hidden(self, x, eps):
+        return jnp.tanh(self.layer(x) + eps[0])
+
+    def __call__(self, x, eps=None):
+        eps = jnp.zeros((2, 3), x.dtype) if eps is None else eps
+        z = self.layer(self.hidden(x, eps)) + eps[1]
+        return self.head(jnp.tanh(z))
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_a_weight_used_twice_gets_expand_and_reduce_factors(approximation):
+    import eqx_curv
+
+    model = _Tied(jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (4, 3), jnp.float64)
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    op = eqx_curv.KFACOperator(model, loss, x, approximation=approximation)
+    roots = loss.hessian_sqrt(jax.vmap(model)(x))
+    g = _output_gradients(model, x, roots, jnp.zeros((2, 3)))  # [N, C, R=2, 3]
+    h = jax.vmap(lambda xi: model.hidden(xi, jnp.zeros((2, 3))))(x)
+    a = _aug(jnp.stack([x, h], axis=1))  # [N, 2, 4]
+    left, right = _dense_factors(a, np.asarray(g), approximation)
+    np.testing.assert_allclose(op.factors.left[0][0], left, atol=1e-12)
+    np.testing.assert_allclose(op.factors.right[0][0], right, atol=1e-12)
+
+
+class _Embed(eqx.Module):
+    embed: eqx.nn.Embedding
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(5, 3, key=k1, dtype=jnp.float64)
+        self.head = eqx.nn.Linear(3, 2, key=k2, dtype=jnp.float64)
+
+    def __call__(self, tokens, eps=None):
+        e = jax.vmap(self.embed)(tokens)
+        e = e if eps is None else e + eps
+        return self.head(jnp.tanh(e).mean(axis=0))
+
+
+def test_embedding_has_a_diagonal_input_factor():
+    import eqx_curv
+
+    model = _Embed(jax.random.key(0))
+    tokens = jnp.array([[0, 1], [1, 1], [4, 0]])
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    op = eqx_curv.KFACOperator(model, loss, tokens)
+    roots = loss.hessian_sqrt(jax.vmap(model)(tokens))
+    g = _output_gradients(model, tokens, roots, jnp.zeros((2, 3)))
+    left, _ = _dense_factors(np.ones((3, 2, 1)), np.asarray(g), "expand")
+    np.testing.assert_allclose(op.factors.left[0][0], left, atol=1e-12)
+    np.testing.assert_allclose(op.factors.right[0][0], [2 / 6, 3 / 6, 0, 0, 1 / 6])
+    # The block on the embedding table, as a dense matrix: diag(B) (x) A, since the
+    # table is stored [vocabulary, features] (the transpose of the layer's matrix).
+    block = op.as_matrix()[:15, :15]
+    expected = np.kron(np.diag([2 / 6, 3 / 6, 0, 0, 1 / 6]), left)
+    np.testing.assert_allclose(block, expected, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration, fallbacks, real models, misuse.
+
+
+class _Scale(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, x):
+        return self.weight @ x
+
+
+class _Custom(eqx.Module):
+    first: _Scale
+    second: _Scale
+
+    def __call__(self, x):
+        return self.second(self.first(x))
+
+
+class _ReadsWeight(eqx.Module):
+    proj: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.proj.weight @ x))
+
+
+def test_custom_layer_registration_and_direct_weight_reads():
+    import eqx_curv
+    from eqx_curv._layers import LinearRule
+
+    class ScaleRule(eqx_curv.AbstractKFACRule):
+        def parameter_names(self, layer):
+            return "weight", None
+
+        def weight_ndim(self, layer):
+            return 2
+
+        def to_matrix(self, layer, weight, bias):
+            return weight[None]
+
+        def from_matrix(self, layer, matrix):
+            return matrix[0], None
+
+        input_rows = LinearRule.input_rows
+        output_rows = LinearRule.output_rows
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    model = _Custom(
+        _Scale(jax.random.normal(keys[0], (4, 3), jnp.float64)),
+        _Scale(jax.random.normal(keys[1], (2, 4), jnp.float64)),
+    )
+    x = jax.random.normal(keys[2], (6, 3), jnp.float64)
+    loss = eqx_curv.MeanSquaredError()
+    unregistered = eqx_curv.KFACOperator(model, loss, x)
+    assert not unregistered.layout.sites  # every parameter on a diagonal block
+    with pytest.raises(ValueError, match=r"model\.first.*register_kfac_layer"):
+        eqx_curv.KFACOperator(model, loss, x, unregistered="error")
+    eqx_curv.register_kfac_layer(_Scale, ScaleRule())
+    kfac = eqx_curv.KFACOperator(model, loss, x).as_matrix()
+    ggn = eqx_curv.GGNOperator(model, loss, x).as_matrix()
+    for idx in (np.arange(12), np.arange(12, 20)):  # exact: a deep linear network
+        np.testing.assert_allclose(kfac[np.ix_(idx, idx)], ggn[np.ix_(idx, idx)])
+    # A model that reads a registered layer's weight instead of calling it: that
+    # layer falls back to diagonal blocks (the GGN's diagonal), the rest is factored.
+    reader = _ReadsWeight(
+        eqx.nn.Linear(3, 3, key=keys[3], dtype=jnp.float64),
+        eqx.nn.Linear(3, 2, key=keys[0], dtype=jnp.float64),
+    )
+    op = eqx_curv.KFACOperator(reader, loss, x)
+    assert [jax.tree_util.keystr(s.path) for s in op.layout.sites] == [".head"]
+    ggn = _ravel(eqx_curv.exact_diagonal(eqx_curv.GGNOperator(reader, loss, x)))
+    dense = op.as_matrix()
+    np.testing.assert_allclose(np.diag(dense)[:12], ggn[:12], atol=1e-12)
+
+
+class _MiniViT(eqx.Module):
+    """TinyViT's parts, each called as a layer: a strided-convolution patch
+    embedding, a class token, a pre-LayerNorm attention block with a GELU MLP, a
+    linear head on the class token."""
+
+    patch: eqx.nn.Conv2d
+    token: jax.Array
+    norm1: eqx.nn.LayerNorm
+    attention: eqx.nn.MultiheadAttention
+    norm2: eqx.nn.LayerNorm
+    hidden: eqx.nn.Linear
+    output: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, key, dtype):
+        k = jax.random.split(key, 6)
+        self.patch = eqx.nn.Conv2d(3, 8, 4, stride=4, key=k[0], dtype=dtype)
+        self.token = jax.random.normal(k[1], (8,), dtype)
+        self.norm1 = eqx.nn.LayerNorm(8, dtype=dtype)
+        self.attention = eqx.nn.MultiheadAttention(2, 8, key=k[2], dtype=dtype)
+        self.norm2 = eqx.nn.LayerNorm(8, dtype=dtype)
+        self.hidden = eqx.nn.Linear(8, 16, key=k[3], dtype=dtype)
+        self.output = eqx.nn.Linear(16, 8, key=k[4], dtype=dtype)
+        self.head = eqx.nn.Linear(8, 3, key=k[5], dtype=dtype)
+
+    def __call__(self, image):
+        tokens = self.patch(jnp.transpose(image, (2, 0, 1))).reshape(8, -1).T
+        x = jnp.concatenate([self.token[None], tokens], axis=0)
+        y = jax.vmap(self.norm1)(x)
+        x = x + self.attention(y, y, y)
+        y = jax.nn.gelu(jax.vmap(self.hidden)(jax.vmap(self.norm2)(x)))
+        x = x + jax.vmap(self.output)(y)
+        return self.head(x[0])
+
+
+def test_vision_transformers_are_factored_under_jit():
+    import eqx_curv
+    from eqx_curv.experiments.tinyvit import TinyViT
+
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), jnp.float32)
+    loss = eqx_curv.SoftmaxCrossEntropy()
+
+    @eqx.filter_jit
+    def products(model, u, v):
+        op = eqx_curv.KFACOperator(
+            model, loss, x, fisher_type="mc", key=jax.random.key(2)
+        )
+        inverse = op.damped_inverse(1e-3, method="factored")
+        return op.layout, op.mv(u), op.mv(v), inverse.mv(op.mv(u))
+
+    small = dict(features=8, patch_size=4, depth=1, num_heads=2, num_classes=3)
+    # The library's TinyViT: traced only (shapes), which is where a layer it does
+    # not call as a layer would fail; its numerics are those of the parts below.
+    vit = TinyViT(jax.random.key(0), **small, dtype=jnp.float32)
+    eqx.filter_eval_shape(
+        lambda m: eqx_curv.KFACOperator(
+            m, loss, x, fisher_type="mc", key=jax.random.key(2)
+        ),
+        vit,
+    )
+    for model in (_MiniViT(jax.random.key(0), jnp.float32),):
+        params = eqx.filter(model, eqx.is_inexact_array)
+        u = jax.tree.map(jnp.ones_like, params)
+        v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size)).reshape(p.shape), params)
+        v = jax.tree.map(lambda a, p: a.astype(p.dtype), v, params)
+        layout, ku, kv, back = products(model, u, v)
+        if isinstance(model, _MiniViT):
+            # patch embedding, 4 attention projections, 2 MLP layers, head
+            assert len(layout.sites) == 8
+        uv, vu = _ravel(ku) @ _ravel(v), _ravel(u) @ _ravel(kv)
+        np.testing.assert_allclose(uv, vu, rtol=1e-4)
+        assert bool(jnp.isfinite(_ravel(back)).all())
+
+
+def test_bad_arguments_are_sentences():
+    from models import make_problem
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(0))
+    from eqx_curv._operators.kfac import check_fisher_type
+
+    # Literals are checked by jaxtyping under pytest, else by the class.
+    with pytest.raises((ValueError, TypeError), match="fisher_type"):
+        eqx_curv.KFACOperator(model, loss, x, fisher_type="fisher")  # pyright: ignore
+    with pytest.raises(ValueError, match='`fisher_type` must be "type2"'):
+        check_fisher_type("fisher")
+    with pytest.raises(ValueError, match="needs a `key`"):
+        eqx_curv.KFACOperator(model, loss, x, fisher_type="mc")
+    with pytest.raises(ValueError, match="pass `targets`"):
+        eqx_curv.KFACOperator(model, loss, x, fisher_type="empirical")
+    with pytest.raises((ValueError, TypeError), match="approximation"):
+        eqx_curv.KFACOperator(model, loss, x, approximation="sum")  # pyright: ignore
+    op = eqx_curv.KFACOperator(model, loss, x)
+    with pytest.raises((ValueError, TypeError), match="method"):
+        op.damped_inverse(1.0, method="cholesky")  # pyright: ignore
+    with pytest.raises(ValueError, match="damping"):
+        op.damped_inverse(-1.0)
