@@ -279,6 +279,10 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
 
         return phi, jax.ShapeDtypeStruct((samples, n), dtype)
 
+    def _galerkin(self) -> bool:
+        """Whether the solve's d is a Galerkin solution (CG from zero, or exact)."""
+        return not self.warm_start and isinstance(self.solver, (str, CG, lx.CG))
+
     def _solve(
         self, curvature: _Curvature, grads: PyTree[Array], stats: _GaussNewtonStats
     ) -> tuple[PyTree[Array], dict[str, Array]]:
@@ -320,7 +324,14 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
         scale = learning_rate.astype(dtype)
         damped_d = None  # d.(C + lambda)d, the damped model's curvature along d
         if self.adaptive_learning_rate or self.adaptive_damping:
-            damped_d = _dot(d, aux.operator.mv(d), dtype) + damping * _dot(d, d, dtype)
+            if self._galerkin():
+                # d minimises the damped model over a space that holds d (a CG
+                # iterate from zero, or the exact solve), so d.(C + lambda)d = -g.d:
+                # no product needed (and alpha* = 1).
+                damped_d = -_dot(grads, d, dtype)
+            else:
+                damped_d = _dot(d, aux.operator.mv(d), dtype)
+                damped_d = damped_d + damping * _dot(d, d, dtype)
         if self.adaptive_learning_rate:
             # The minimiser of the damped model along d (Martens and Grosse 2015,
             # section 6.4): alpha = -g.d / d.(C + lambda)d.
@@ -452,8 +463,11 @@ class GaussNewton(AbstractGaussNewton):
     damped quadratic model whose minimiser the step is (without momentum) sets
     $\lambda \leftarrow \lambda / c$ where $\rho > 3/4$ and $\lambda \leftarrow c
     \lambda$ where $\rho < 1/4$; a step that raises the batch loss is rejected. The
-    same rule as [`eqx_curv.FisherAdam`][]'s. It costs one forward pass and one
-    product with $G$ per step.
+    same rule as [`eqx_curv.FisherAdam`][]'s. It costs one forward pass per step,
+    and one product with $G$ where $d^\top (G + \lambda I) d$ is not known already:
+    a CG iterate from zero and the exact batch-space solve minimise the model over a
+    space holding $d$, so there $d^\top (G + \lambda I) d = -g^\top d$ (for the same
+    reason $\alpha^* = 1$ there); warm starts, other solvers and momentum pay it.
 
     `info.stats` reports `damping` (this step's $\lambda$), `solver_steps`,
     `solver_residual` and `solver_converged` (parameter-space solvers that report
@@ -468,8 +482,9 @@ class GaussNewton(AbstractGaussNewton):
     - `solver`: `"cg"` (default), `"woodbury"` or a lineax solver, as above.
     - `adaptive_damping`: adapt $\lambda$ by the reduction ratio. Default `True`.
     - `damping_factor`: $c > 1$ of the adaptation. Default 1.5.
-    - `adaptive_learning_rate`: scale the step by $\alpha^*$ (one more product with
-        $G$). Default `False`.
+    - `adaptive_learning_rate`: scale the step by $\alpha^*$. Default `False`. It is
+        1 for a CG solve from zero and for `"woodbury"`; it matters with `warm_start`
+        or a solver that is not conjugate gradients (one more product with $G$).
     - `momentum`: $\mu \in [0, 1)$. Default 0 (no buffer kept).
     - `warm_start`: start each CG solve from the previous step's $d$ (Martens
         2010), instead of zero. Default `False`.
