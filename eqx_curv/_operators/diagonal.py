@@ -62,6 +62,18 @@ def exact_diagonal(
     return unravel(diag)
 
 
+def rademacher_like(
+    key: PRNGKeyArray, structure: PyTree[jax.ShapeDtypeStruct]
+) -> PyTree[Array]:
+    """A Rademacher probe (entries +-1, independent) shaped like `structure`."""
+    leaves, treedef = jax.tree.flatten(structure)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [jax.random.rademacher(k, s.shape, s.dtype) for k, s in zip(keys, leaves)],
+    )
+
+
 def hutchinson_diagonal(
     operator: lx.AbstractLinearOperator,
     key: PRNGKeyArray,
@@ -92,17 +104,9 @@ def hutchinson_diagonal(
     check_positive_int(num_samples, "num_samples", "the number of probes")
     operator = lx.linearise(operator)
     structure = operator.in_structure()
-    leaves, treedef = jax.tree.flatten(structure)
 
     def estimate(k):
-        keys = jax.random.split(k, len(leaves))
-        z = jax.tree.unflatten(
-            treedef,
-            [
-                jax.random.rademacher(kk, s.shape, s.dtype)
-                for kk, s in zip(keys, leaves)
-            ],
-        )
+        z = rademacher_like(k, structure)
         return jax.tree.map(jnp.multiply, z, operator.mv(z))
 
     samples = jax.lax.map(
