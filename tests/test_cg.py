@@ -143,6 +143,33 @@ def test_max_steps_reached_is_reported(getkey):
         lx.linear_solve(lx.MatrixLinearOperator(a, PSD), b, solver)
 
 
+@pytest.mark.parametrize("y0", [False, True])
+def test_a_solve_that_runs_out_of_steps_costs_only_its_steps(getkey, y0):
+    # The true residual is recomputed only where it could end the solve in success:
+    # from zero, max_steps steps cost max_steps products (plus b - A y0 with a y0).
+    n, max_steps = 30, 4
+    a = _spd(getkey(), n, 1e3, jnp.float64)
+    b = jax.random.normal(getkey(), (n,), jnp.float64)
+    calls = []
+
+    def mv(v):
+        jax.debug.callback(lambda: calls.append(1))
+        return a @ v
+
+    structure = jax.ShapeDtypeStruct((n,), jnp.float64)
+    op = lx.FunctionLinearOperator(mv, structure, PSD)
+    options = {"y0": jnp.ones(n)} if y0 else {}
+    solver = eqx_curv.CG(rtol=1e-12, atol=0.0, max_steps=max_steps)
+    sol = lx.linear_solve(op, b, solver, options=options, throw=False)
+    jax.effects_barrier()
+    assert sol.result == lx.RESULTS.max_steps_reached
+    assert sol.stats["num_steps"] == max_steps
+    assert len(calls) == max_steps + int(y0)
+    np.testing.assert_allclose(
+        sol.stats["residual_norm"], np.linalg.norm(b - a @ sol.value), rtol=1e-8
+    )
+
+
 @pytest.mark.parametrize("second", [-3.0, -1.0])
 def test_breakdown_on_indefinite_curvature(second):
     # Wrongly tagged PSD: the curvature along b = (1, 1) is 1 + second <= 0.

@@ -150,8 +150,11 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     - `y0`: the initial guess, shaped like $b$. Defaults to zeros.
 
     `lineax.linear_solve(...).stats` holds `num_steps` (the number of products with
-    $A$ along search directions) and `residual_norm` (the final true
-    $\|b - Ay\|_2$). The solve works under `jax.jit` and `jax.vmap`, and `jax.grad`
+    $A$ along search directions) and `residual_norm`: the final true
+    $\|b - Ay\|_2$, except when the step budget runs out while the recurrence is
+    still above the tolerance; then no check could end in success, the product it
+    would cost is saved, and the recurrence's residual norm is reported (so a solve
+    of `max_steps` steps from `y0 = 0` costs exactly `max_steps` products). The solve works under `jax.jit` and `jax.vmap`, and `jax.grad`
     flows through `lineax.linear_solve` (lineax solves the transposed system, which for
     a symmetric operator is the same one).
     """
@@ -312,8 +315,14 @@ class CG(lx.AbstractLinearSolver[_CGState]):
                 bad_start,
                 nonfinite_start,
             )
-            y, *_, step, _, broke, nonfinite = lax.while_loop(cond_fun, body_fun, carry)
-            return y, step, broke, nonfinite
+            y, r, _, _, _, step, stop, broke, nonfinite = lax.while_loop(
+                cond_fun, body_fun, carry
+            )
+            # The budget ran out with the recurrence short of the tolerance: no true
+            # residual could end in success, so none is computed (one product saved);
+            # the recurrence's residual norm is reported instead.
+            exhausted = ~stop & (step >= max_steps)
+            return y, step, broke, nonfinite, exhausted, norm(r)
 
         def outer_cond(carry):
             return ~carry[-1]
@@ -337,8 +346,18 @@ class CG(lx.AbstractLinearSolver[_CGState]):
                 | (step >= max_steps)
                 | ~inputs_finite
             )
-            y, step, broke_now, nonfinite_now = inner(y, r, rnorm, step, stop)
-            return y, step, broke | broke_now, nonfinite | nonfinite_now, rnorm, stop
+            y, step, broke_now, nonfinite_now, exhausted, recurrence = inner(
+                y, r, rnorm, step, stop
+            )
+            rnorm = jnp.where(exhausted, recurrence, rnorm)
+            return (
+                y,
+                step,
+                broke | broke_now,
+                nonfinite | nonfinite_now,
+                rnorm,
+                stop | exhausted,
+            )
 
         false = jnp.array(False)
         carry0 = (y0, jnp.array(0), false, false, jnp.array(jnp.inf, dtype), false)
