@@ -19,7 +19,12 @@ from .base import (
     Proposal,
 )
 from .hutchinson import (
+    bias_corrected,
+    check_decay,
+    check_non_negative,
+    check_power,
     conv_spatial_dims,
+    ema,
     gradient_and_diagonal,
     spatially_averaged,
     tree_mean,
@@ -35,28 +40,6 @@ def _power(x: Array, power: RealScalarLike) -> Array:
     if isinstance(power, (int, float)) and float(power) == 1:
         return x
     return jnp.power(x, cast_like(power, x))
-
-
-def check_power(value: RealScalarLike, name: str) -> None:
-    check_hyperparameter(
-        (value > 0) & (value <= 1),
-        f"`{name}` must lie in (0, 1], but is {shown(value)}. Use 1 for the "
-        "Newton-like step, or e.g. 0.5 for a gentler one.",
-    )
-
-
-def check_decay(value: RealScalarLike, name: str, example: str) -> None:
-    check_hyperparameter(
-        (value >= 0) & (value < 1),
-        f"`{name}` must lie in [0, 1), but is {shown(value)}. Use e.g. {example}.",
-    )
-
-
-def check_non_negative(value: RealScalarLike, name: str, fix: str) -> None:
-    check_hyperparameter(
-        (value >= 0) & (value < jnp.inf),
-        f"`{name}` must be a finite non-negative number, but is {shown(value)}. {fix}",
-    )
 
 
 class AbstractAdaHessian(AbstractNetworkOptimizer[_AdaHessianStats, PyTree[Array]]):
@@ -123,15 +106,6 @@ class AbstractAdaHessian(AbstractNetworkOptimizer[_AdaHessianStats, PyTree[Array
         count: Int[Array, ""],
         learning_rate: Array,
     ) -> tuple[PyTree[Array], _AdaHessianStats, dict[str, Array]]:
-        t = count + 1
-
-        def ema(decay, average, new):
-            decay = cast_like(decay, new)
-            return decay * average + (1 - decay) * new
-
-        def correction(decay, x):
-            return 1 - cast_like(decay, x) ** t.astype(jnp.result_type(x))
-
         hessian = jax.tree.map(
             lambda v, d: ema(self.hessian_decay, v, jnp.square(d)), stats.hessian, aux
         )
@@ -142,11 +116,13 @@ class AbstractAdaHessian(AbstractNetworkOptimizer[_AdaHessianStats, PyTree[Array
             momentum = jax.tree.map(
                 lambda m, g: ema(self.momentum, m, g), stats.momentum, grads
             )
-            first = jax.tree.map(lambda m: m / correction(self.momentum, m), momentum)
+            first = jax.tree.map(
+                lambda m: bias_corrected(self.momentum, count, m), momentum
+            )
 
         def denominator(v):
             # (sqrt(v_hat))^k + eps: the root-mean-square diagonal, to the power k.
-            rms = jnp.sqrt(v / correction(self.hessian_decay, v))
+            rms = jnp.sqrt(bias_corrected(self.hessian_decay, count, v))
             return _power(rms, self.hessian_power) + cast_like(self.damping, v)
 
         denominators = jax.tree.map(denominator, hessian)

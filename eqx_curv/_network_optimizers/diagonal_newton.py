@@ -10,7 +10,6 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
 from .._losses import AbstractLoss
 from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
-from .adahessian import check_decay, check_non_negative
 from .base import (
     AbstractNetworkOptimizer,
     cast_like,
@@ -20,7 +19,15 @@ from .base import (
     promoted_dtype,
     Proposal,
 )
-from .hutchinson import Curvature, gradient_and_diagonal, tree_mean
+from .hutchinson import (
+    bias_corrected,
+    check_decay,
+    check_non_negative,
+    Curvature,
+    ema,
+    gradient_and_diagonal,
+    tree_mean,
+)
 
 
 class _DiagonalNewtonStats(eqx.Module):
@@ -134,17 +141,12 @@ class AbstractStochasticDiagonalNewton(
         else:
             # The EMA of the SIGNED estimate: the probes' noise has mean zero and
             # averages out; bias-corrected, as Adam's moments.
-            t = count + 1
-
-            def ema(a, d):
-                decay = cast_like(self.decay, d)
-                return decay * a + (1 - decay) * d
-
-            def corrected(a):
-                return a / (1 - cast_like(self.decay, a) ** t.astype(a.dtype))
-
-            average = jax.tree.map(ema, stats.diagonal, aux)
-            estimate = jax.tree.map(corrected, average)
+            average = jax.tree.map(
+                lambda a, d: ema(self.decay, a, d), stats.diagonal, aux
+            )
+            estimate = jax.tree.map(
+                lambda a: bias_corrected(self.decay, count, a), average
+            )
 
         low, high, clip = self.min_diagonal, self.max_diagonal, self.update_clip
 

@@ -1,6 +1,7 @@
 r"""The gradient and a Hutchinson estimate of the curvature's diagonal, in one pass.
 
-Shared by [`eqx_curv.AdaHessian`][] and [`eqx_curv.StochasticDiagonalNewton`][].
+Shared by [`eqx_curv.AdaHessian`][] and [`eqx_curv.StochasticDiagonalNewton`][],
+with the moving averages and hyperparameter checks both use.
 With Rademacher probes $z_s$ (entries $\pm 1$), $\frac1S \sum_s z_s \odot A z_s$ is
 an unbiased estimate of $\mathrm{diag}(A)$ (Bekas, Kokiopoulou and Saad, "An
 estimator for the diagonal of a matrix", Applied Numerical Mathematics 57(11), 2007),
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from .._losses import AbstractLoss
-from .._misc import structure_of
+from .._misc import check_hyperparameter, RealScalarLike, shown, structure_of
 from .._operators.diagonal import rademacher_like
-from .base import Objective
+from .base import cast_like, Objective
 
 
 Curvature = Literal["hessian", "ggn"]
@@ -142,3 +143,37 @@ def tree_mean(tree: PyTree[Array], dtype) -> Array:
     leaves = jax.tree.leaves(tree)
     total = sum((jnp.sum(x.astype(dtype)) for x in leaves), jnp.zeros((), dtype))
     return total / sum(x.size for x in leaves)
+
+
+def ema(decay: RealScalarLike, average: Array, new: Array) -> Array:
+    """One step of an exponential moving average, in `new`'s dtype."""
+    decay = cast_like(decay, new)
+    return decay * average + (1 - decay) * new
+
+
+def bias_corrected(decay: RealScalarLike, count: Array, average: Array) -> Array:
+    """`average / (1 - decay ** t)` at step `t = count + 1` (from a zero start)."""
+    t = (count + 1).astype(average.dtype)
+    return average / (1 - cast_like(decay, average) ** t)
+
+
+def check_power(value: RealScalarLike, name: str) -> None:
+    check_hyperparameter(
+        (value > 0) & (value <= 1),
+        f"`{name}` must lie in (0, 1], but is {shown(value)}. Use 1 for the "
+        "Newton-like step, or e.g. 0.5 for a gentler one.",
+    )
+
+
+def check_decay(value: RealScalarLike, name: str, example: str) -> None:
+    check_hyperparameter(
+        (value >= 0) & (value < 1),
+        f"`{name}` must lie in [0, 1), but is {shown(value)}. Use e.g. {example}.",
+    )
+
+
+def check_non_negative(value: RealScalarLike, name: str, fix: str) -> None:
+    check_hyperparameter(
+        (value >= 0) & (value < jnp.inf),
+        f"`{name}` must be a finite non-negative number, but is {shown(value)}. {fix}",
+    )
