@@ -1,0 +1,471 @@
+r"""K-FAC for networks: Kronecker-factored natural gradient with the quadratic model."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from equinox import AbstractVar
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+from .._layers import analyse, Approximation, Layout, linearise, usable_layout
+from .._losses import AbstractLoss
+from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
+from .._operators.kfac import (
+    blockwise,
+    check_fisher_type,
+    DampingMethod,
+    diagonal_values,
+    Eigen,
+    eigen,
+    eigen_mv,
+    factor_dtype,
+    Factors,
+    factors_from,
+    FisherType,
+    output_cotangents,
+    spectral_values,
+)
+from .base import (
+    AbstractNetworkOptimizer,
+    cast_like,
+    LearningRate,
+    Objective,
+    promoted_dtype,
+    Proposal,
+)
+from .fisher_adam import levenberg_marquardt
+
+
+class _KFACStats(eqx.Module):
+    factors: Factors  # exponential averages (not yet bias-corrected), float32 at least
+    eigens: tuple[Eigen, ...]  # of the corrected factors at the last refresh
+    damping: Float[Array, ""]  # lambda
+    previous: PyTree[Array]  # delta_0, the last update (for momentum)
+
+
+class _KFACAux(eqx.Module):
+    factors: Factors  # this batch's factors
+    layout: Layout = eqx.field(static=True)
+
+
+def _dot(a: PyTree[Array], b: PyTree[Array], dtype) -> Array:
+    return sum(
+        (jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in zip(
+            jax.tree.leaves(a), jax.tree.leaves(b)
+        )),
+        jnp.zeros((), dtype),
+    )  # fmt: skip
+
+
+def _combine(alpha: Array, x: PyTree[Array], mu: Array, y: PyTree[Array]):
+    return jax.tree.map(
+        lambda a, b: cast_like(alpha, a) * a + cast_like(mu, b) * b, x, y
+    )
+
+
+def _solve_2x2(a11, a12, a22, b1, b2):
+    r"""$(\alpha, \mu)$ minimising $\frac12 [\alpha\ \mu] A [\alpha\ \mu]^\top +
+    b_1\alpha + b_2\mu$ for a PSD $A$; along the first direction alone where the
+    second is zero or parallel to it (the first step, or a rejected one)."""
+    eps = jnp.finfo(a11.dtype).eps
+    det = a11 * a22 - a12 * a12
+    both = (a22 > 0) & (det > 100 * eps * a11 * a22)
+    safe_det = jnp.where(both, det, 1)
+    alpha2 = (-b1 * a22 + b2 * a12) / safe_det
+    mu2 = (-b2 * a11 + b1 * a12) / safe_det
+    ok1 = a11 > 0
+    alpha1 = jnp.where(ok1, -b1 / jnp.where(ok1, a11, 1), 0)
+    return jnp.where(both, alpha2, alpha1), jnp.where(both, mu2, 0)
+
+
+class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
+    """K-FAC; see [`eqx_curv.KFAC`][]."""
+
+    learning_rate: AbstractVar[LearningRate]
+    fisher_type: AbstractVar[FisherType]
+    approximation: AbstractVar[Approximation]
+    factor_decay: AbstractVar[RealScalarLike]
+    inverse_every: AbstractVar[int]
+    damping: AbstractVar[RealScalarLike]
+    damping_bounds: AbstractVar[tuple[RealScalarLike, RealScalarLike]]
+    damping_every: AbstractVar[int]
+    damping_method: AbstractVar[DampingMethod]
+    max_kl: AbstractVar[RealScalarLike | None]
+
+    def __check_init__(self):
+        check_fisher_type(self.fisher_type)
+        if self.approximation not in ("expand", "reduce"):
+            raise ValueError(
+                f'`approximation` must be "expand" or "reduce", not '
+                f"{self.approximation!r}."
+            )
+        if self.damping_method not in ("exact", "factored"):
+            raise ValueError(
+                f'`damping_method` must be "factored" (pi-adjusted, per factor) or '
+                f'"exact" (in the factors\' eigenbasis), not {self.damping_method!r}.'
+            )
+        check_positive_int(self.inverse_every, "inverse_every", "steps")
+        check_positive_int(self.damping_every, "damping_every", "steps")
+        decay = self.factor_decay
+        check_hyperparameter(
+            (decay >= 0) & (decay < 1),
+            f"`factor_decay` must lie in [0, 1), but is {shown(decay)}. Use e.g. 0.95.",
+        )
+        low, high = self.damping_bounds
+        check_hyperparameter(
+            (low > 0) & (low < jnp.inf),
+            f"`damping_bounds` must be two finite positive numbers (lowest, highest), "
+            f"but the lowest is {shown(low)}. A zero floor lets the damping collapse "
+            "as the loss nears zero and the steps blow up; use e.g. 1e-4.",
+        )
+        check_hyperparameter(
+            (high >= low) & (high < jnp.inf),
+            f"`damping_bounds` must be (lowest, highest) with lowest <= highest, both "
+            f"finite, but are ({shown(low)}, {shown(high)}). Use e.g. (1e-4, 1e4).",
+        )
+        check_hyperparameter(
+            (self.damping >= low) & (self.damping <= high),
+            f"`damping` (the initial damping) must lie within `damping_bounds` "
+            f"({shown(low)}, {shown(high)}), but is {shown(self.damping)}.",
+        )
+        if self.max_kl is not None:
+            check_hyperparameter(
+                self.max_kl > 0,
+                f"`max_kl` must be positive (or None for no constraint), but is "
+                f"{shown(self.max_kl)}. Use e.g. 1e-2.",
+            )
+
+    # -- the protocol --------------------------------------------------------------
+
+    def _layout(self, params: PyTree[Array]) -> Layout:
+        # `params` keeps the model's modules (arrays filtered to the floating-point
+        # ones), so the layers are found by type from it.
+        return analyse(params, self.approximation)
+
+    def init_stats(self, params: PyTree[Array]) -> _KFACStats:
+        layout = self._layout(params)
+        leaves = jax.tree.leaves(params)
+        dtype = factor_dtype(params)
+        lefts, rights, eigens = [], [], []
+        for site in layout.sites:
+            k, m, n = site.blocks, site.rows, site.columns
+            right = (k, n) if site.diagonal_input else (k, n, n)
+            lefts.append(jnp.zeros((k, m, m), dtype))
+            rights.append(jnp.zeros(right, dtype))
+            eigens.append(eigen(lefts[-1], rights[-1]))
+        diagonal = tuple(
+            jnp.zeros(jnp.shape(leaves[i]), dtype) for i in layout.diagonal_indices
+        )
+        factors = Factors(tuple(lefts), tuple(rights), diagonal)
+        damping = jnp.asarray(self.damping).astype(promoted_dtype(params))
+        previous = jax.tree.map(jnp.zeros_like, params)
+        return _KFACStats(factors, tuple(eigens), damping, previous)
+
+    def check_loss(self, loss: Callable) -> None:
+        if not isinstance(loss, AbstractLoss):
+            raise TypeError(
+                "`loss` must be an eqx_curv loss (`SoftmaxCrossEntropy()`, "
+                "`MeanSquaredError()`, `SigmoidBinaryCrossEntropy()` or a subclass of "
+                f"`AbstractLoss`), not {type(loss).__name__}: K-FAC needs its output "
+                "Hessian (the quadratic model) and its sampler or square root (the "
+                "factors)."
+            )
+
+    def needs_key(self) -> bool:
+        return self.fisher_type == "mc"
+
+    def uses_params(self) -> bool:
+        return False
+
+    def gradient_only_aux(self, grads: PyTree[Array]) -> _KFACAux:
+        raise ValueError(
+            "`KFAC` has no optax form: its factors come from the layers' inputs and "
+            "output gradients, which need the model and the batch, not only the "
+            "gradient. Use `step`."
+        )
+
+    def evaluate(
+        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
+    ) -> tuple[Scalar, PyTree[Array], _KFACAux]:
+        loss = objective.loss
+        assert isinstance(loss, AbstractLoss)  # `step` checked it (`check_loss`)
+        dtype = factor_dtype(params)
+        layout = self._layout(params)
+        args = (params, objective.static, objective.inputs, objective.model_key, dtype)
+        usable = usable_layout(layout, *args)
+        if usable.sites != layout.sites:
+            missing = [s for s in layout.sites if s not in usable.sites]
+            raise ValueError(
+                f"The model never calls the layer at "
+                f"`model{jax.tree_util.keystr(missing[0].path)}` (it reads its "
+                "parameters directly, or does not use it), so K-FAC cannot see its "
+                "inputs and output gradients. Call the layer as a module (e.g. "
+                "`jax.vmap(layer)(x)` over tokens), or freeze it; "
+                "`eqx_curv.KFACOperator` puts such layers on diagonal blocks."
+            )
+        outputs, pullback = linearise(layout, *args)
+        value, output_grad = jax.value_and_grad(loss)(outputs, objective.targets)
+        # One forward pass; one backward pass at the data targets (the gradient and
+        # the inputs' statistics) and, for "mc" and "type2", one at the sampled
+        # targets or per column of the Hessian's root (the output gradients').
+        data = pullback(output_grad)
+        batch = outputs.shape[0]
+        if self.fisher_type == "empirical":
+            # The data pass's output gradients are those of the MEAN loss (1/N of
+            # each example's): its squares are N^2 too small.
+            stats = jax.tree.map(lambda x: x[None], data)
+            weight = float(batch)
+        else:
+            cotangents, scale = output_cotangents(
+                loss, outputs, objective.targets, self.fisher_type, key, 1
+            )
+            stats = jax.vmap(pullback)(cotangents)
+            weight = (1.0 if self.fisher_type == "type2" else scale) / batch
+        factors = factors_from(layout, data, stats, batch, weight)
+        return value, data.grads, _KFACAux(factors, layout)
+
+    def direction(
+        self,
+        grads: PyTree[Array],
+        aux: _KFACAux,
+        params: PyTree[Array],
+        stats: _KFACStats,
+        count: Int[Array, ""],
+        learning_rate: Array,
+    ) -> tuple[PyTree[Array], _KFACStats, dict[str, Array]]:
+        del params
+        layout = aux.layout
+        decay = self.factor_decay
+        # Exponential averages with Adam's bias correction (zero-initialised).
+        factors = jax.tree.map(
+            lambda old, new: (
+                cast_like(decay, new) * old + (1 - cast_like(decay, new)) * new
+            ),
+            stats.factors,
+            aux.factors,
+        )
+        first = jax.tree.leaves(factors)[0]
+        correction = 1 - cast_like(decay, first) ** (count + 1).astype(first.dtype)
+        corrected = jax.tree.map(lambda f: f / correction, factors)
+
+        def refresh(f: Factors) -> tuple[Eigen, ...]:
+            return tuple(eigen(a, b) for a, b in zip(f.left, f.right))
+
+        if self.inverse_every == 1:
+            eigens = refresh(corrected)
+        else:
+            # Amortised: the eigendecompositions run only on every k-th step.
+            eigens = jax.lax.cond(
+                count % self.inverse_every == 0,
+                refresh,
+                lambda _: stats.eigens,
+                corrected,
+            )
+        damping = stats.damping
+        method = self.damping_method
+        values = [spectral_values(e, damping, -1, method) for e in eigens]
+        dtype = jnp.result_type(first)
+        precondition = blockwise(
+            layout,
+            grads,
+            lambda i, x: eigen_mv(eigens[i], values[i], x),
+            lambda j, v: v * diagonal_values(corrected.diagonal[j], damping, -1),
+            dtype,
+        )
+        direction = jax.tree.map(jnp.negative, precondition)
+        info = {
+            "damping": damping,
+            "adapt_damping": count % self.damping_every == 0,
+            # The schedule scales the quadratic model's step (`adapt`).
+            "scale": learning_rate.astype(damping.dtype),
+        }
+        new_stats = _KFACStats(factors, eigens, damping, stats.previous)
+        return direction, new_stats, info
+
+    def adapt(
+        self,
+        objective: Objective,
+        params: PyTree[Array],
+        proposal: Proposal[_KFACStats],
+    ) -> Proposal[_KFACStats]:
+        stats, info = proposal.stats, dict(proposal.info)
+        loss = objective.loss
+        assert isinstance(loss, AbstractLoss)
+        dtype = stats.damping.dtype
+        damping = stats.damping
+        grads, delta, previous = proposal.grads, proposal.updates, stats.previous
+        # The exact quadratic model on the batch (Martens and Grosse 2015, section
+        # 7): J delta and J delta_0 by forward mode, one pass for both directions.
+        tangents = jax.tree.map(lambda a, b: jnp.stack([a, b]), delta, previous)
+        outputs, jv = jax.vmap(
+            lambda t: jax.jvp(objective.outputs, (params,), (t,)), out_axes=(None, 0)
+        )(tangents)
+        hv = jax.vmap(lambda t: loss.hvp(outputs, t))(jv)
+
+        def inner(a, b):
+            return jnp.sum(a.astype(dtype) * b.astype(dtype))
+
+        m11, m12, m22 = inner(jv[0], hv[0]), inner(jv[0], hv[1]), inner(jv[1], hv[1])
+        d11, d12 = _dot(delta, delta, dtype), _dot(delta, previous, dtype)
+        d22 = _dot(previous, previous, dtype)
+        b1, b2 = _dot(grads, delta, dtype), _dot(grads, previous, dtype)
+        alpha, mu = _solve_2x2(
+            m11 + damping * d11, m12 + damping * d12, m22 + damping * d22, b1, b2
+        )
+        lr = info.pop("scale")
+        alpha, mu = lr * alpha, lr * mu
+        linear = alpha * b1 + mu * b2
+        curvature = alpha * alpha * m11 + 2 * alpha * mu * m12 + mu * mu * m22
+        curvature = jnp.maximum(curvature, 0)
+        if self.max_kl is not None:
+            # KL(p_old || p_new) ~ 1/2 u.F u on the batch (F = the GGN for
+            # eqx_curv's losses): shrink the update to keep it below `max_kl`.
+            bound = cast_like(self.max_kl, damping)
+            kl = curvature / 2
+            shrink = jnp.where(
+                kl > bound, jnp.sqrt(bound / jnp.where(kl > 0, kl, 1)), 1
+            )
+            alpha, mu = shrink * alpha, shrink * mu
+            linear, curvature = shrink * linear, shrink * shrink * curvature
+            info["kl_shrink"] = shrink
+        updates = _combine(alpha, delta, mu, previous)
+        predicted = linear + curvature / 2
+
+        def judge(updates):
+            new_damping, updates, judged = levenberg_marquardt(
+                objective,
+                params,
+                proposal.loss,
+                updates,
+                predicted,
+                damping,
+                (20 / 19) ** self.damping_every,
+            )
+            return new_damping, updates, judged["reduction_ratio"]
+
+        def keep(updates):
+            return damping, updates, jnp.full((), jnp.nan, dtype)
+
+        new_damping, updates, rho = jax.lax.cond(
+            info["adapt_damping"], judge, keep, updates
+        )
+        low, high = self.damping_bounds
+        new_damping = jnp.clip(
+            new_damping, cast_like(low, damping), cast_like(high, damping)
+        )
+        info.update(
+            alpha=alpha,
+            momentum=mu,
+            predicted_change=predicted,
+            reduction_ratio=rho,
+        )
+        new_stats = _KFACStats(stats.factors, stats.eigens, new_damping, updates)
+        return Proposal(proposal.loss, grads, updates, new_stats, info)
+
+
+class KFAC(AbstractKFAC):
+    r"""K-FAC: natural-gradient steps preconditioned by Kronecker factors per layer.
+
+    Martens and Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML 2015. Each step, on the batch:
+
+    1. **Factors.** One forward pass and its backward passes give the gradient $g$
+        and, for every registered layer (found by Equinox type, see
+        [`eqx_curv.KFACOperator`][] and [`eqx_curv.register_kfac_layer`][]), this
+        batch's factors $A$, $B$; every other parameter gets a diagonal. They enter
+        exponential averages with decay `factor_decay` (Adam's bias correction),
+        accumulated in float32 at least (float64 for a float64 model).
+    2. **Preconditioning.** Every `inverse_every` steps (under `jax.lax.cond`: the
+        others do not pay) the averaged factors are eigendecomposed. Each step,
+        $\Delta = -(\hat F + \lambda)^{-1} g$ blockwise in those eigenbases, with the
+        current damping $\lambda$: `damping_method="factored"` is the
+        $\pi$-adjusted Tikhonov damping $(A + \pi\sqrt\lambda)^{-1} \otimes
+        (B + \sqrt\lambda/\pi)^{-1}$ (section 6.3); `"exact"` is $(A \otimes B +
+        \lambda)^{-1}$, exact in the Kronecker eigenbasis. Diagonal blocks:
+        $g / (d + \lambda)$.
+    3. **Learning rate and momentum** from the exact quadratic model on the batch
+        (section 7): with the previous update $\delta_0$ and the batch's GGN $G$
+        (one forward-mode pass for $J\Delta$ and $J\delta_0$, the loss's output
+        Hessian between), $(\alpha, \mu)$ minimise
+        $M(\delta) = g^\top\delta + \frac12 \delta^\top (G + \lambda)\delta$ over
+        $\delta = \alpha\Delta + \mu\delta_0$ (a 2x2 solve), and
+        $\delta = \eta_t (\alpha\Delta + \mu\delta_0)$ with $\eta_t$ the
+        `learning_rate` (a scale, default 1).
+    4. **KL constraint.** If $\frac12 \delta^\top G \delta$ (the KL divergence
+        between the model's predictive distributions before and after, to second
+        order) exceeds `max_kl`, $\delta$ is shrunk to meet it.
+    5. **Damping** (Levenberg-Marquardt, section 6.5), every `damping_every` steps:
+        the batch loss at $\theta + \delta$ (one more forward pass) gives the
+        reduction ratio $\rho$ against $q(\delta) = g^\top\delta + \frac12
+        \delta^\top G \delta$; $\lambda \leftarrow \omega\lambda$ where $\rho > 3/4$,
+        $\lambda \leftarrow \lambda/\omega$ where $\rho < 1/4$,
+        $\omega = (19/20)^{\text{damping\_every}}$, kept within `damping_bounds`.
+        A step that raises the batch loss there is rejected. The lower bound is
+        what keeps training stable as the loss nears zero: the curvature vanishes
+        there, $\rho$ stays near 1 and the damping keeps falling; a floor of
+        $10^{-8}$ lets the steps blow up.
+
+    `info.stats` reports `damping`, `alpha`, `momentum`, `predicted_change`,
+    `reduction_ratio` (NaN on steps that do not adapt the damping), `kl_shrink` and
+    `adapt_damping`.
+
+    Every registered layer of the model must be called as a module (a model that
+    reads a layer's weight itself is refused, naming it). Needs an eqx_curv loss;
+    needs a `key` for `fisher_type="mc"`.
+
+    **Arguments:**
+
+    - `learning_rate`: $\eta_t$, a scale on the quadratic model's step, or a
+        schedule. Default 1.
+    - `fisher_type`: how the factors are estimated: `"mc"` (default; targets
+        sampled from the model, one backward pass more), `"type2"` (exact, one
+        backward pass per output dimension) or `"empirical"` (the data targets, no
+        extra pass; not a curvature, see [`eqx_curv.EmpiricalFisherOperator`][]).
+    - `approximation`: `"expand"` (default) or `"reduce"`, for layers applied
+        several times per example.
+    - `factor_decay`: the averages' decay in [0, 1). Default 0.95.
+    - `inverse_every`: eigendecompose the factors every this many steps. Default 10.
+    - `damping`: the initial $\lambda$. Default 1e-2.
+    - `damping_bounds`: `(lowest, highest)` for $\lambda$, both positive.
+        Default `(1e-4, 1e4)`.
+    - `damping_every`: adapt $\lambda$ every this many steps. Default 5.
+    - `damping_method`: `"factored"` (default) or `"exact"`.
+    - `max_kl`: the KL bound, or `None` for none. Default 0.1.
+    """
+
+    learning_rate: LearningRate
+    fisher_type: FisherType = eqx.field(static=True)
+    approximation: Approximation = eqx.field(static=True)
+    factor_decay: RealScalarLike
+    inverse_every: int = eqx.field(static=True)
+    damping: RealScalarLike
+    damping_bounds: tuple[RealScalarLike, RealScalarLike]
+    damping_every: int = eqx.field(static=True)
+    damping_method: DampingMethod = eqx.field(static=True)
+    max_kl: RealScalarLike | None
+
+    def __init__(
+        self,
+        learning_rate: LearningRate = 1.0,
+        *,
+        fisher_type: FisherType = "mc",
+        approximation: Approximation = "expand",
+        factor_decay: RealScalarLike = 0.95,
+        inverse_every: int = 10,
+        damping: RealScalarLike = 1e-2,
+        damping_bounds: tuple[RealScalarLike, RealScalarLike] = (1e-4, 1e4),
+        damping_every: int = 5,
+        damping_method: DampingMethod = "factored",
+        max_kl: RealScalarLike | None = 0.1,
+    ):
+        self.learning_rate = learning_rate
+        self.fisher_type = fisher_type
+        self.approximation = approximation
+        self.factor_decay = factor_decay
+        self.inverse_every = inverse_every
+        self.damping = damping
+        self.damping_bounds = tuple(damping_bounds)  # pyright: ignore
+        self.damping_every = damping_every
+        self.damping_method = damping_method
+        self.max_kl = max_kl
