@@ -1,5 +1,7 @@
 """TinyViT: the reference page's small vision transformer for CIFAR-10, in Equinox."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,81 @@ def _split(key: PRNGKeyArray | None, num: int) -> list:
     return [None] * num if key is None else list(jax.random.split(key, num))
 
 
+# The layers below are computed directly on the parameters of Equinox layers, which stay
+# the parameter containers (so the parameter PyTree, and the layer types that K-FAC looks
+# for, are those of `eqx.nn.Linear`, `eqx.nn.LayerNorm`, `eqx.nn.MultiheadAttention`
+# and `eqx.nn.Conv2d`), and give their results to float rounding. They are written for
+# ONE example, like the layers, but so that `jax.vmap` over a batch turns every product
+# into one row-major matmul: `x @ W.T` keeps the output's features last, where
+# `eqx.nn.Linear`'s `W @ x`, vmapped over tokens and examples, puts them first and XLA
+# then transposes every projection's output (and its cotangent) in memory.
+
+
+def _along_last(v: Array, like: Array) -> Array:
+    # A vector shaped to broadcast along `like`'s last axis, with the rank made explicit.
+    return v.reshape((1,) * (like.ndim - 1) + (-1,))
+
+
+def _linear(layer: eqx.nn.Linear, x: Array) -> Array:
+    """`layer` applied to the last axis of `x`."""
+    y = x @ layer.weight.T
+    return y if layer.bias is None else y + _along_last(layer.bias, y)
+
+
+def _at_least_float32(x: Array) -> Array:
+    # As Equinox's LayerNorm and softmax: half precision is computed in float32.
+    return x if jnp.finfo(x.dtype).bits >= 32 else x.astype(jnp.float32)
+
+
+def _layer_norm(layer: eqx.nn.LayerNorm, x: Array) -> Array:
+    """`layer` (normalising one feature vector) applied to the last axis of `x`."""
+    dtype = x.dtype
+    # The copy is free (XLA removes it) but it makes the gradient with respect to `x`
+    # the sum of two whole terms, this norm's and the residual stream's, where it
+    # would otherwise end by adding a broadcast mean. XLA's CPU fusion duplicates such
+    # an "effectively unary" add into every consumer, so without the copy the
+    # residual stream's gradient was recomputed from the sum of all later blocks'
+    # terms in each of its three consumers (9% of a gradient at batch 128).
+    x = jnp.copy(_at_least_float32(x))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    out = centred * jax.lax.rsqrt(variance + layer.eps)
+    if layer.weight is not None:
+        out = out * _along_last(layer.weight.astype(out.dtype), out)
+    if layer.bias is not None:
+        out = out + _along_last(layer.bias.astype(out.dtype), out)
+    return out.astype(dtype)
+
+
+def _attention(
+    layer: eqx.nn.MultiheadAttention,
+    x: Float[Array, "tokens features"],
+    key: PRNGKeyArray | None,
+) -> Float[Array, "tokens features"]:
+    """Self-attention of `layer` on `x`, as `layer(x, x, x, key=key)`.
+
+    Dropout on the attention weights draws head $h$'s mask from the $h$-th key of
+    `jax.random.split(key, num_heads)`, as `eqx.nn.MultiheadAttention` does, so the
+    masks are the same too.
+    """
+    tokens, _ = x.shape
+    heads = layer.num_heads
+    query = _linear(layer.query_proj, x).reshape(tokens, heads, layer.qk_size)
+    key_ = _linear(layer.key_proj, x).reshape(tokens, heads, layer.qk_size)
+    value = _linear(layer.value_proj, x).reshape(tokens, heads, layer.vo_size)
+    query = query / math.sqrt(layer.qk_size)
+    logits = jnp.einsum("qhd,khd->hqk", query, key_)
+    weights = jax.nn.softmax(_at_least_float32(logits), axis=-1).astype(logits.dtype)
+    if key is not None:
+        # Through the layer's own Dropout, one head at a time as Equinox does.
+        weights = jax.vmap(lambda w, k: layer.dropout(w, key=k, inference=False))(
+            weights, jax.random.split(key, heads)
+        )
+    attended = jnp.einsum("hqk,khd->qhd", weights, value)
+    return _linear(layer.output_proj, attended.reshape(tokens, heads * layer.vo_size))
+
+
 class _Block(eqx.Module):
     """Pre-LayerNorm transformer block: attention and a GELU MLP, both residual."""
 
@@ -69,11 +146,12 @@ class _Block(eqx.Module):
     def __call__(self, x, key):
         k_attention, k_hidden, k_output = _split(key, 3)
         inference = key is None
-        y = jax.vmap(self.attention_norm)(x)
-        x = x + self.attention(y, y, y, key=k_attention, inference=inference)
-        y = jax.nn.gelu(jax.vmap(self.hidden)(jax.vmap(self.mlp_norm)(x)))
+        x = x + _attention(
+            self.attention, _layer_norm(self.attention_norm, x), k_attention
+        )
+        y = jax.nn.gelu(_linear(self.hidden, _layer_norm(self.mlp_norm, x)))
         y = self.dropout(y, key=k_hidden, inference=inference)
-        y = self.dropout(jax.vmap(self.output)(y), key=k_output, inference=inference)
+        y = self.dropout(_linear(self.output, y), key=k_output, inference=inference)
         return x + y
 
 
@@ -144,18 +222,31 @@ class TinyViT(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, " classes"]:
         """Logits for one image `x` of shape `[height, width, channels]` in [0, 1]."""
-        height, width, _ = x.shape
+        height, width, channels = x.shape
         if height != width or height % self.patch_size:
             raise ValueError(
                 f"`x` must be a square image whose side is a multiple of the patch "
                 f"size {self.patch_size}, but has shape {x.shape}."
             )
-        x = jnp.transpose(x, (2, 0, 1)).astype(self.patch_embed.weight.dtype)
-        patches = self.patch_embed(x)  # [features, grid, grid]
-        features, grid, _ = patches.shape
-        tokens = patches.reshape(features, grid * grid).T
-        tokens = tokens + sincos_position_embedding(features, grid).astype(tokens.dtype)
-        tokens = jnp.concatenate([self.class_token[None], tokens], axis=0)
+        # A convolution whose stride is its kernel size and which has no padding is a
+        # matmul of each patch with the kernel: patches are flattened as `(row, column,
+        # channel)`, and so is the kernel `[features, channels, row, column]`. The
+        # class token is row 0 of the same matmul, a zero patch whose offset is the
+        # token itself, so that no concatenation of activations (and no split of
+        # their gradient) is needed.
+        conv = self.patch_embed
+        p = self.patch_size
+        grid = height // p
+        x = x.astype(conv.weight.dtype).reshape(grid, p, grid, p, channels)
+        patches = jnp.swapaxes(x, 1, 2).reshape(grid * grid, p * p * channels)
+        patches = jnp.concatenate([jnp.zeros_like(patches[:1]), patches], axis=0)
+        kernel = jnp.transpose(conv.weight, (0, 2, 3, 1)).reshape(-1, p * p * channels)
+        features = kernel.shape[0]
+        offsets = jnp.asarray(sincos_position_embedding(features, grid), patches.dtype)
+        if conv.bias is not None:
+            offsets = offsets + _along_last(conv.bias, offsets)
+        offsets = jnp.concatenate([self.class_token[None], offsets], axis=0)
+        tokens = patches @ kernel.T + offsets
         for block, k in zip(self.blocks, _split(key, len(self.blocks))):
             tokens = block(tokens, k)
-        return self.head(tokens[0])
+        return _linear(self.head, tokens[0])
