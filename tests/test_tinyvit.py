@@ -145,6 +145,32 @@ def test_gradient_does_not_recompute_the_residual_stream():
     assert widest_fusion(4) == widest_fusion(2)
 
 
+def test_kfac_finds_every_layer():
+    # The fast path computes on the layers' parameters; K-FAC's taps (subclasses of
+    # the layers) must still be called, or every block would fall back to a diagonal.
+    model = TinyViT(jax.random.key(0), features=8, patch_size=4, depth=1, num_heads=2)
+    x = jnp.zeros((2, 8, 8, 3), jnp.float32)
+    op = eqx.filter_eval_shape(
+        lambda m: eqx_curv.KFACOperator(
+            m,
+            eqx_curv.SoftmaxCrossEntropy(),
+            x,
+            fisher_type="mc",
+            key=jax.random.key(1),
+        ),
+        model,
+    )
+    paths = [jax.tree_util.keystr(site.path) for site in op.layout.sites]
+    projections = ["query_proj", "key_proj", "value_proj", "output_proj"]
+    assert paths == [
+        ".patch_embed",
+        *[f".blocks[0].attention.{name}" for name in projections],
+        ".blocks[0].hidden",
+        ".blocks[0].output",
+        ".head",
+    ]
+
+
 def test_position_embedding_and_bad_image():
     emb = sincos_position_embedding(8, 2)
     assert emb.shape == (4, 8)

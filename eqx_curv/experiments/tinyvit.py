@@ -45,7 +45,8 @@ def _split(key: PRNGKeyArray | None, num: int) -> list:
 # ONE example, like the layers, but so that `jax.vmap` over a batch turns every product
 # into one row-major matmul: `x @ W.T` keeps the output's features last, where
 # `eqx.nn.Linear`'s `W @ x`, vmapped over tokens and examples, puts them first and XLA
-# then transposes every projection's output (and its cotangent) in memory.
+# then transposes every projection's output (and its cotangent) in memory. A layer of a
+# subclass (K-FAC's taps are subclasses that read each call) is called as a layer.
 
 
 def _along_last(v: Array, like: Array) -> Array:
@@ -55,6 +56,13 @@ def _along_last(v: Array, like: Array) -> Array:
 
 def _linear(layer: eqx.nn.Linear, x: Array) -> Array:
     """`layer` applied to the last axis of `x`."""
+    if type(layer) is not eqx.nn.Linear:
+        # A subclass may define its own call (K-FAC's taps do, to read each layer's
+        # inputs and output gradients): call it, one row at a time.
+        call = layer
+        for _ in range(x.ndim - 1):
+            call = jax.vmap(call)
+        return call(x)
     y = x @ layer.weight.T
     return y if layer.bias is None else y + _along_last(layer.bias, y)
 
@@ -237,16 +245,26 @@ class TinyViT(eqx.Module):
         conv = self.patch_embed
         p = self.patch_size
         grid = height // p
-        x = x.astype(conv.weight.dtype).reshape(grid, p, grid, p, channels)
-        patches = jnp.swapaxes(x, 1, 2).reshape(grid * grid, p * p * channels)
-        patches = jnp.concatenate([jnp.zeros_like(patches[:1]), patches], axis=0)
-        kernel = jnp.transpose(conv.weight, (0, 2, 3, 1)).reshape(-1, p * p * channels)
-        features = kernel.shape[0]
-        offsets = jnp.asarray(sincos_position_embedding(features, grid), patches.dtype)
-        if conv.bias is not None:
-            offsets = offsets + _along_last(conv.bias, offsets)
-        offsets = jnp.concatenate([self.class_token[None], offsets], axis=0)
-        tokens = patches @ kernel.T + offsets
+        x = x.astype(conv.weight.dtype)
+        position = sincos_position_embedding(conv.out_channels, grid)
+        if type(conv) is eqx.nn.Conv2d:
+            patches = jnp.swapaxes(x.reshape(grid, p, grid, p, channels), 1, 2)
+            patches = patches.reshape(grid * grid, p * p * channels)
+            patches = jnp.concatenate([jnp.zeros_like(patches[:1]), patches], axis=0)
+            kernel = jnp.transpose(conv.weight, (0, 2, 3, 1)).reshape(
+                -1, p * p * channels
+            )
+            offsets = jnp.asarray(position, patches.dtype)
+            if conv.bias is not None:
+                offsets = offsets + _along_last(conv.bias, offsets)
+            offsets = jnp.concatenate([self.class_token[None], offsets], axis=0)
+            tokens = patches @ kernel.T + offsets
+        else:
+            # A subclass may define its own call (see `_linear`): call it.
+            patches = conv(jnp.transpose(x, (2, 0, 1)))
+            tokens = patches.reshape(conv.out_channels, grid * grid).T
+            tokens = tokens + jnp.asarray(position, tokens.dtype)
+            tokens = jnp.concatenate([self.class_token[None], tokens], axis=0)
         for block, k in zip(self.blocks, _split(key, len(self.blocks))):
             tokens = block(tokens, k)
         return _linear(self.head, tokens[0])
