@@ -470,6 +470,46 @@ def _zero_cotangent(x: Array) -> Any:
     return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
+# The second moments of a call's rows, summed over every vmap they run under.
+#
+# A probe's cotangent is summed over a vmap it is not batched along (the model's own
+# vmap over tokens, the vmap over examples). Left to JAX, each vmapped call would
+# compute its own [n, n] product and the sum would come after, materialising a
+# [batch, n, n] array (hundreds of times slower than one product over all rows, on a
+# transformer). The vmap rule below instead folds the vmapped axis into the rows and
+# returns the SUM as an unbatched value: JAX passes an unbatched cotangent of an
+# unbatched probe through as the total, so the result is the same sum, computed as
+# one matrix product. Every caller sums these moments over all the vmaps anyway; a
+# vmap over cotangents (several samples) therefore also receives the total over its
+# samples, broadcast along its axis (`factors_from` reads one copy).
+
+
+@jax.custom_batching.custom_vmap
+def _moment(rows: Array) -> Array:
+    return jnp.einsum("rgi,rgj->gij", rows, rows, precision=HIGHEST)
+
+
+@_moment.def_vmap
+def _(axis_size, in_batched, rows):
+    del axis_size
+    if in_batched[0]:
+        rows = rows.reshape(-1, *rows.shape[2:])
+    return _moment(rows), False
+
+
+@jax.custom_batching.custom_vmap
+def _square_sum(rows: Array) -> Array:
+    return jnp.sum(rows * rows, axis=0)
+
+
+@_square_sum.def_vmap
+def _(axis_size, in_batched, rows):
+    del axis_size
+    if in_batched[0]:
+        rows = rows.reshape(-1, *rows.shape[2:])
+    return _square_sum(rows), False
+
+
 def _tap(site: Site, x: Array, y: Array, probes: Probes) -> Array:
     """`y`, whose backward pass hands out the layer's statistics as `probes`' cotangents."""
     assert probes.count is not None
@@ -498,18 +538,15 @@ def _tap(site: Site, x: Array, y: Array, probes: Probes) -> Array:
         tie = jnp.zeros((), dtype) * jnp.sum(g)
         a = a + tie
 
-        def moment(rows):
-            return jnp.einsum("rgi,rgj->gij", rows, rows, precision=HIGHEST)
-
         if wanted.input_moment is None:
             input_moment = None
         elif site.diagonal_input:
-            input_moment = jnp.sum(a * a, axis=0)
+            input_moment = _square_sum(a)
         else:
-            input_moment = moment(a)
+            input_moment = _moment(a)
         stats = Probes(
             input_moment=input_moment,
-            output_moment=None if wanted.output_moment is None else moment(g),
+            output_moment=None if wanted.output_moment is None else _moment(g),
             input_sum=None if wanted.input_sum is None else jnp.sum(a, axis=0),
             output_sum=None if wanted.output_sum is None else jnp.sum(g, axis=0),
             count=jnp.asarray(a.shape[0], dtype) + tie,

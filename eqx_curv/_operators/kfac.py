@@ -98,7 +98,9 @@ def factors_from(
             assert inp.input_moment is not None and out.output_moment is not None
             right = _per_block(site, inp.input_moment, right_ndim)
             right = right / safe.reshape(-1, *(1,) * right_ndim)
-            left = _per_block(site, jnp.sum(out.output_moment, axis=0), 2) * weight
+            # The moments are already the totals over the S passes (see
+            # `eqx_curv._layers._moment`): one copy per pass.
+            left = _per_block(site, out.output_moment[0], 2) * weight
         else:
             assert inp.input_sum is not None and out.output_sum is not None
             means = inp.input_sum.reshape(batch, site.blocks, site.columns)
