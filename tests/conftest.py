@@ -1,12 +1,11 @@
 """Shared pytest configuration.
 
-eqx_curv itself is imported lazily (inside tests and fixtures), never at the top of this
-file: jaxtyping's import hook must be installed by its pytest plugin first.
+eqx_curv is imported only after jax's configuration below (never among the imports at
+the top): float64 and the strict promotion rules hold from its first line. jaxtyping's
+pytest plugin installs its import hook before conftest files are loaded, so the package
+is still type-checked.
 """
 
-import os
-
-import hypothesis
 import jax
 import pytest
 
@@ -18,21 +17,18 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-hypothesis.settings.register_profile(
-    "dev", max_examples=10, deadline=None, print_blob=True
-)
-hypothesis.settings.register_profile(
-    "ci",
-    max_examples=20,
-    deadline=None,
-    derandomize=True,
-    print_blob=True,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-hypothesis.settings.register_profile(
-    "gpu", max_examples=30, deadline=None, derandomize=True, print_blob=True
-)
-hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+def _load_hypothesis_profiles():
+    # The profiles users get from eqx_curv.testing: `dev` (default), `ci`
+    # (derandomised) and `gpu`, chosen by $HYPOTHESIS_PROFILE. Imported here, after
+    # jaxtyping's import hook is installed (its plugin runs before conftest files).
+    from eqx_curv.testing import load_profile, register_profiles
+
+    register_profiles()
+    load_profile()
+
+
+_load_hypothesis_profiles()
 
 
 @pytest.fixture
