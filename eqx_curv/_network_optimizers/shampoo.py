@@ -54,6 +54,21 @@ def accumulation_dtype(x: Array):
     return dtype if jnp.dtype(dtype).itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def map_matrices(fn: Callable, matrices: Array):
+    """`fn` on each of a stack of matrices, in one call.
+
+    On accelerators one `jax.vmap`-ed call. On CPU a `jax.lax.map` (one compiled
+    loop over the stack): XLA:CPU runs batched products of small matrices far slower
+    than one at a time (40 inverse 4th roots of 128 x 128: 2.2 s vmapped, 0.2 s
+    mapped), and under `vmap` the eigendecomposition fallback of
+    [`eqx_curv.inverse_pth_root`][] runs for every matrix (its `lax.cond` becomes a
+    select), where mapped it runs only for the roots that need it.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(fn, matrices)
+    return jax.vmap(fn)(matrices)
+
+
 def _layout(x: Array, block_size: int) -> Layout | None:
     """Blocks of a tensor of order >= 2, merged and blocked by `block_size`; `None`
     for vectors and scalars (and tensors whose dimensions are all 1)."""
@@ -179,9 +194,9 @@ class AbstractShampoo(AbstractNetworkOptimizer[_ShampooStats, None]):
         def roots_of(key, stacked):
             _, p, dtype = key
             matrices = stacked / correction.astype(dtype)
-            epsilon = cast_like(self.epsilon, stacked)
-            result = jax.vmap(lambda m: inverse_pth_root(m, p, ridge_epsilon=epsilon))(
-                matrices
+            epsilon = self.epsilon
+            result = map_matrices(
+                lambda m: inverse_pth_root(m, p, ridge_epsilon=epsilon), matrices
             )
             # A zero statistic (a block that never had a gradient) has no root and
             # needs none: it keeps the previous one without counting as a failure.
