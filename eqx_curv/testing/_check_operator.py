@@ -45,8 +45,8 @@ _VIEWS = {
 @eqx.filter_jit
 def _probe(operator, u, v, alpha, transpose: bool, views: tuple):
     """One compilation for most properties: the matrix column by column from `mv`
-    (vmapped over the basis), A u, A v, A (alpha u + v), the vmapped product of the
-    stacked pair, (if `transpose`) A^T v through `operator.T`, and the lineax `views`
+    (vmapped over the basis), A u, the vmapped product of the stack of u, v and
+    alpha u + v, (if `transpose`) A^T v through `operator.T`, and the lineax `views`
     that solvers use."""
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), operator.in_structure())
     vector, unravel = jax.flatten_util.ravel_pytree(zeros)
@@ -56,12 +56,10 @@ def _probe(operator, u, v, alpha, transpose: bool, views: tuple):
 
     basis = jnp.eye(vector.size, dtype=vector.dtype)
     w = jax.tree.map(lambda a, b: alpha.astype(a.dtype) * a + b, u, v)
-    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), u, v)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), u, v, w)
     out = dict(
         matrix=jax.vmap(column)(basis).T,
         au=operator.mv(u),
-        av=operator.mv(v),
-        aw=operator.mv(w),
         batched=jax.vmap(operator.mv)(stacked),
     )
     if transpose:
@@ -77,6 +75,11 @@ def _solves(operator, b, solvers: dict):
         solution = lx.linear_solve(operator, b, solver, throw=False)
         out[name] = (solution.value, solution.result == lx.RESULTS.successful)
     return out
+
+
+def _rows(batched, count: int) -> list:
+    batched = jax.tree.map(np.asarray, batched)
+    return [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(count)]
 
 
 def _first_line(error: Exception) -> str:
@@ -285,10 +288,11 @@ def check_operator(
         tolerance = (
             rtol * scale * (abs(alpha) * np.linalg.norm(fu) + np.linalg.norm(fv))
         )
+        au, av, aw = (flat(row) for row in _rows(found["batched"], 3))
         _close(
             "A(alpha u + v) differs from alpha A u + A v",
-            found["aw"],
-            alpha * flat(found["au"]) + flat(found["av"]),
+            aw,
+            alpha * au + av,
             tolerance,
         )
         _close(
@@ -353,14 +357,19 @@ def check_operator(
         )
 
     def check_vmap():
-        for i, (one, f) in enumerate([(found["au"], fu), (found["av"], fv)]):
-            row = jax.tree.map(lambda x, i=i: x[i], found["batched"])
-            _close(
-                f"`jax.vmap(operator.mv)` differs from `mv` on vector {i}",
-                row,
-                flat(one),
-                rtol * scale * np.linalg.norm(f),
-            )
+        batched_u, batched_v, _ = _rows(found["batched"], 3)
+        _close(
+            "`jax.vmap(operator.mv)` differs from `mv` on a vector",
+            batched_u,
+            flat(found["au"]),
+            rtol * scale * np.linalg.norm(fu),
+        )
+        _close(
+            "`jax.vmap(operator.mv)` differs from the matrix `mv` gives on a vector",
+            batched_v,
+            a @ fv,
+            rtol * scale * np.linalg.norm(fv),
+        )
 
     def check_dtype():
         got = structure_of(found["au"])
