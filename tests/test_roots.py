@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 
 import eqx_curv
+from eqx_curv.testing import (
+    assert_inverse_root,
+    inverse_root_tolerance as root_tolerance,
+    spd_matrices,
+    spd_matrix as spd,  # float64, eigenvalues log-spaced in [1 / cond, 1]
+)
 
 
 SIZES = (8, 32, 64, 128, 256)
 CONDS = (1.0, 1e2, 1e4, 1e6)
-
-
-def spd(n, cond, seed):
-    """A float64 SPD matrix with eigenvalues log-spaced in [1 / cond, 1]."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    w = np.logspace(0, -np.log10(cond), n)
-    return (q * w) @ q.T
 
 
 def eigh_root64(matrix, p):
@@ -29,13 +27,6 @@ def eigh_root64(matrix, p):
     matrix = np.asarray(matrix, np.float64)
     w, q = np.linalg.eigh(0.5 * (matrix + matrix.T))
     return (q * w ** (-1.0 / p)) @ q.T, w[-1] / w[0]
-
-
-def root_tolerance(dtype, n, kappa, p):
-    # Rounding in ~sqrt(n)-long dot products, plus the forward error a backward-stable
-    # method makes on a matrix of condition number kappa (the root has relative
-    # condition number about kappa / p). float32 eigh exceeds this at kappa = 1e6.
-    return np.finfo(dtype).eps * (10 * np.sqrt(n) + kappa / p)
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("max_steps",))
@@ -61,13 +52,10 @@ def check_root(matrix, p, result):
 
 
 @hypothesis.given(
-    n=st.sampled_from(SIZES),
-    cond=st.sampled_from(CONDS),
-    p=st.integers(1, 8),
-    seed=st.integers(0, 2**16),
+    matrix=spd_matrices(SIZES, CONDS, (jnp.float32,)), p=st.integers(1, 8)
 )
-def test_inverse_pth_root_matches_float64_eigh(n, cond, p, seed):
-    matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
+def test_inverse_pth_root_matches_float64_eigh(matrix, p):
+    # At most 40 (n, p) compilations, whatever the number of examples.
     check_root(matrix, p, _root(matrix, p))
 
 
@@ -81,7 +69,9 @@ def test_inverse_pth_root_float64(p):
 @pytest.mark.parametrize("p", range(1, 9))
 def test_every_p_is_exact(p):
     # The reference page and a widely used routine round p to a power of two, which
-    # is wrong for p = 3, 5, 6, 7; check each p at a moderate condition number.
+    # is wrong for p = 3, 5, 6, 7; check each p at two moderate condition numbers
+    # (one compilation per p).
+    assert_inverse_root(_root, p, sizes=(32,), conditions=(1e2, 1e4), seed=p)
     matrix = jnp.asarray(spd(32, 1e4, p), jnp.float32)
     check_root(matrix, p, _root(matrix, p))
 
@@ -244,14 +234,10 @@ def test_power_iteration_on_an_operator_and_signed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["default", "highest"])
 @hypothesis.given(
-    n=st.sampled_from((128, 512)),
-    cond=st.sampled_from(CONDS),
-    p=st.integers(1, 8),
-    seed=st.integers(0, 2**16),
+    matrix=spd_matrices((128, 512), CONDS, (jnp.float32,)), p=st.integers(1, 8)
 )
-def test_inverse_pth_root_float32_device(precision, n, cond, p, seed):
+def test_inverse_pth_root_float32_device(precision, matrix, p):
     # At most 16 (n, p) compilations per precision, whatever the number of examples.
-    matrix = jnp.asarray(spd(n, cond, seed), jnp.float32)
     with jax.default_matmul_precision(precision):
         result = _root(matrix, p)
     check_root(matrix, p, result)
