@@ -1,0 +1,281 @@
+"""Time per step of every network optimizer on TinyViT, against Adam and each floor.
+
+    python benchmarks/bench_network_optimizers.py [--batch-size 128] [--repeats 15]
+    EQX_CURV_QUICK=1 python benchmarks/bench_network_optimizers.py   # tiny, a dry run
+
+Each optimizer's whole `step` is jitted (`eqx.filter_jit`) and timed on synthetic
+CIFAR-shaped data, float32, no dropout. Every timed call starts from the same model,
+state and batch; calls are interleaved round robin so that load from other processes
+affects every row alike, and the median is reported. Columns:
+
+- `vs SGD`, `vs Adam`: the step's time over our `SGD` step and over an `optax.adam`
+    step (`value_and_grad`, `tx.update`, `optax.apply_updates`, jitted as one call) at
+    the benchmark's batch size, measured in the same run.
+- `floor`: the passes the method cannot avoid, written by hand with `jax.vjp` /
+    `jax.jvp` / `jax.linearize` and timed in the same rounds:
+    - `grad`: one `jax.value_and_grad` of the mean loss (SGD, Adam);
+    - `grad+sampled`: one forward pass and two backward passes through it, at the
+        data labels and at sampled labels (true-Fisher Adam);
+    - `grad+HVP`: one forward-over-reverse pass returning the loss, the gradient and
+        one Hessian-vector product (AdaHessian, the diagonal Newton with one probe);
+    - `GN k`: one linearisation of the batched model, the gradient through its
+        transpose, and k linearised GGN products `J^T H J v + lambda v` (Gauss-Newton
+        with k CG steps).
+- `vs floor`: step time over its floor's time.
+
+The targets of the issue that introduced this benchmark are printed at the end, each
+with the measured value and `met` / `NOT met`.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import eqx_curv
+from eqx_curv.experiments.tinyvit import TinyViT
+
+
+QUICK = os.environ.get("EQX_CURV_QUICK", "0") == "1"
+
+
+def _rows(cg_steps: int) -> list[tuple[str, object, str | None, str]]:
+    """(name, optimizer, floor, batch) for every optimizer row; batch is "full" (the
+    benchmark's batch size) or "small" (the Gauss-Newton batch)."""
+    exactly_k = eqx_curv.CG(rtol=0.0, atol=0.0, max_steps=cg_steps)
+    return [
+        ("SGD", eqx_curv.SGD(learning_rate=0.01, momentum=0.9), "grad", "full"),
+        ("FisherAdam (Adam)", eqx_curv.FisherAdam(), "grad", "full"),
+        ("FisherAdam, no momentum", eqx_curv.FisherAdam(momentum=0), "grad", "full"),
+        (
+            "FisherAdam, true Fisher",
+            eqx_curv.FisherAdam(fisher="true", momentum=0),
+            "grad+sampled",
+            "full",
+        ),
+        (
+            "FisherAdam, exponent 1 (adaptive)",
+            eqx_curv.FisherAdam(exponent=1.0, momentum=0),
+            "grad+fwd",
+            "full",
+        ),
+        ("AdaHessian", eqx_curv.AdaHessian(), "grad+HVP", "full"),
+        (
+            "StochasticDiagonalNewton",
+            eqx_curv.StochasticDiagonalNewton(),
+            "grad+HVP",
+            "full",
+        ),
+        (
+            f"GaussNewton, CG {cg_steps}, fixed damping",
+            eqx_curv.GaussNewton(adaptive_damping=False, solver=exactly_k),
+            f"GN {cg_steps}",
+            "small",
+        ),
+        (
+            f"GaussNewton, CG {cg_steps}, adaptive damping",
+            eqx_curv.GaussNewton(solver=exactly_k),
+            f"GN {cg_steps}+fwd",
+            "small",
+        ),
+        ("GaussNewton() (defaults)", eqx_curv.GaussNewton(), None, "small"),
+    ]
+
+
+def make_floors(static, loss, cg_steps: int, damping: float):
+    def batched(params, x):
+        return jax.vmap(eqx.combine(params, static))(x)
+
+    def grad(params, x, y, z, key):
+        return jax.value_and_grad(lambda p: loss(batched(p, x), y))(params)
+
+    def grad_sampled(params, x, y, z, key):
+        outputs, pullback = jax.vjp(lambda p: batched(p, x), params)
+        value, g_out = jax.value_and_grad(loss)(outputs, y)
+        sampled = loss.sample(key, outputs)
+        (g,) = pullback(g_out)
+        (s,) = pullback(jax.grad(loss)(outputs, sampled))
+        return value, g, s
+
+    def grad_hvp(params, x, y, z, key):
+        f = jax.value_and_grad(lambda p: loss(batched(p, x), y))
+        (value, g), (_, hz) = jax.jvp(f, (params,), (z,))
+        return value, g, hz
+
+    def gauss_newton(params, x, y, z, key):
+        outputs, f_jvp = jax.linearize(lambda p: batched(p, x), params)
+        f_vjp = jax.linear_transpose(f_jvp, params)
+        value, g_out = jax.value_and_grad(loss)(outputs, y)
+        (g,) = f_vjp(g_out)
+
+        def product(_, v):
+            (jthj,) = f_vjp(loss.hvp(outputs, f_jvp(v), targets=y))
+            return jax.tree.map(lambda a, b: a + damping * b, jthj, v)
+
+        return value, jax.lax.fori_loop(0, cg_steps, product, g)
+
+    def grad_forward(params, x, y, z, key):
+        # The gradient, then the loss at a moved point (an adaptive damping's check).
+        value, g = grad(params, x, y, z, key)
+        moved = jax.tree.map(lambda p, d: p - 1e-3 * d, params, g)
+        return value, g, loss(batched(moved, x), y)
+
+    def gauss_newton_forward(params, x, y, z, key):
+        value, d = gauss_newton(params, x, y, z, key)
+        moved = jax.tree.map(lambda p, u: p - 1e-3 * u, params, d)
+        return value, d, loss(batched(moved, x), y)
+
+    return {
+        "grad": grad,
+        "grad+fwd": grad_forward,
+        f"GN {cg_steps}+fwd": gauss_newton_forward,
+        "grad+sampled": grad_sampled,
+        "grad+HVP": grad_hvp,
+        f"GN {cg_steps}": gauss_newton,
+    }
+
+
+def _compiled(fn, *args):
+    compiled = eqx.filter_jit(fn)
+    jax.block_until_ready(compiled(*args))  # compile and warm up
+    jax.block_until_ready(compiled(*args))
+    return lambda: compiled(*args)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=16 if QUICK else 128)
+    parser.add_argument("--gn-batch-size", type=int, default=8 if QUICK else 32)
+    parser.add_argument("--cg-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3 if QUICK else 15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    kmodel, kdata, kz, kstep = jax.random.split(jax.random.key(args.seed), 4)
+    size = dict(features=32, depth=1) if QUICK else {}
+    model = TinyViT(kmodel, dropout=0.0, **size)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    kx, ky = jax.random.split(kdata)
+    batches = {}
+    for label, n in (("full", args.batch_size), ("small", args.gn_batch_size)):
+        x = jax.random.uniform(kx, (n, 32, 32, 3), jnp.float32)
+        y = jax.random.randint(ky, (n,), 0, 10)
+        batches[label] = (x, y)
+    leaves, treedef = jax.tree.flatten(params)
+    zkeys = jax.random.split(kz, len(leaves))
+    z = jax.tree.unflatten(
+        treedef,
+        [jax.random.rademacher(k, a.shape, a.dtype) for k, a in zip(zkeys, leaves)],
+    )
+
+    rows = _rows(args.cg_steps)
+    damping = 1e-3
+    floors = make_floors(static, loss, args.cg_steps, damping)
+    calls = {}
+    floor_batch = {}
+    for _, _, floor, batch in rows:
+        if floor is not None:
+            floor_batch.setdefault(floor, batch)
+    for floor, batch in floor_batch.items():
+        x, y = batches[batch]
+        calls[("floor", floor)] = _compiled(floors[floor], params, x, y, z, kstep)
+
+    def adam_step(params, state, x, y):
+        value, g = jax.value_and_grad(
+            lambda p: loss(jax.vmap(eqx.combine(p, static))(x), y)
+        )(params)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    tx = optax.adam(1e-3)
+    x, y = batches["full"]
+    calls[("anchor", "optax.adam")] = _compiled(
+        adam_step, params, tx.init(params), x, y
+    )
+
+    def our_step(opt, model, state, x, y, key):
+        return opt.step(model, state, loss, x, y, key=key)
+
+    for name, opt, _, batch in rows:
+        x, y = batches[batch]
+        state = opt.init(model)
+        calls[("step", name)] = _compiled(our_step, opt, model, state, x, y, kstep)
+
+    times = {k: [] for k in calls}
+    for _ in range(args.repeats):
+        for k, call in calls.items():  # round robin
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[k].append(time.perf_counter() - start)
+    ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+    count = sum(leaf.size for leaf in leaves)
+    adam_ms = ms[("anchor", "optax.adam")]
+    sgd_ms = ms[("step", "SGD")]
+    print(
+        f"\nTinyViT ({count:,} parameters), batch {args.batch_size} "
+        f"(Gauss-Newton: {args.gn_batch_size}), float32, "
+        f"{jax.devices()[0].device_kind}, median of {args.repeats} interleaved runs\n"
+    )
+    header = (
+        f"{'optimizer':<44}{'batch':>6}{'ms/step':>10}{'vs SGD':>8}{'vs Adam':>9}"
+        f"{'floor':>14}{'floor ms':>10}{'vs floor':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    print(
+        f"{'optax.adam':<44}{args.batch_size:>6}{adam_ms:>10.2f}{adam_ms / sgd_ms:>8.2f}{1:>9.2f}"
+    )
+    for name, _, floor, batch in rows:
+        step_ms = ms[("step", name)]
+        n = args.batch_size if batch == "full" else args.gn_batch_size
+        line = (
+            f"{name:<44}{n:>6}{step_ms:>10.2f}{step_ms / sgd_ms:>8.2f}"
+            f"{step_ms / adam_ms:>9.2f}"
+        )
+        if floor is not None:
+            floor_ms = ms[("floor", floor)]
+            line += f"{floor:>14}{floor_ms:>10.2f}{step_ms / floor_ms:>10.2f}"
+        print(line)
+
+    def over(name, reference):
+        return ms[("step", name)] / reference
+
+    gn = f"GaussNewton, CG {args.cg_steps}, fixed damping"
+    targets = [
+        (
+            "true-Fisher FisherAdam / optax.adam",
+            over("FisherAdam, true Fisher", adam_ms),
+            1.3,
+        ),
+        ("AdaHessian / optax.adam", over("AdaHessian", adam_ms), 2.7),
+        (
+            "StochasticDiagonalNewton / optax.adam",
+            over("StochasticDiagonalNewton", adam_ms),
+            2.7,
+        ),
+        (
+            f"{gn} (batch {args.gn_batch_size}) / our Adam (batch {args.batch_size})",
+            over(gn, ms[("step", "FisherAdam (Adam)")]),
+            5.0,
+        ),
+    ]
+    for name, _, floor, _ in rows:
+        if floor is not None and floor != "grad":
+            targets.append(
+                (f"{name} / its floor", over(name, ms[("floor", floor)]), 1.15)
+            )
+    print()
+    for label, value, bound in targets:
+        verdict = "met" if value <= bound else "NOT met"
+        print(f"target {label}: {value:.2f} <= {bound} {verdict}")
+
+
+if __name__ == "__main__":
+    main()
