@@ -118,6 +118,21 @@ def matrix_from_mv(operator: lx.AbstractLinearOperator) -> np.ndarray:
     return np.asarray(_matrix_from_mv(operator), np.float64)
 
 
+@eqx.filter_jit
+def _compiled_as_matrix(operator: lx.AbstractLinearOperator) -> Array:
+    return operator.as_matrix()
+
+
+def as_matrix(operator: lx.AbstractLinearOperator) -> np.ndarray:
+    """`operator.as_matrix()` in float64, compiled where it can be (eagerly, lineax's
+    `as_matrix()` dispatches every primitive of every product one by one)."""
+    try:
+        matrix = _compiled_as_matrix(operator)
+    except Exception:  # an `as_matrix()` that only works eagerly (e.g. through NumPy)
+        matrix = operator.as_matrix()
+    return np.asarray(matrix, np.float64)
+
+
 def _spectral_norm(matrix: np.ndarray) -> float:
     return float(np.linalg.norm(matrix, 2)) if matrix.size else 0.0
 
@@ -208,6 +223,22 @@ def matrix_failure(
     )
 
 
+def _materialised(
+    operator: lx.AbstractLinearOperator | ArrayLike,
+) -> tuple[np.ndarray, list[str], float]:
+    """The float64 matrix (from `mv` for an operator; a matrix as given), a name per
+    row, and the machine epsilon of the input's dtype."""
+    if isinstance(operator, lx.AbstractLinearOperator):
+        check_square(operator)
+        names = entry_names(operator.in_structure())
+        return matrix_from_mv(operator), names, eps_of(operator)
+    as_operator(operator)  # checks that it is a square matrix
+    matrix = jnp.asarray(operator)
+    dtype = matrix.dtype if jnp.issubdtype(matrix.dtype, jnp.inexact) else jnp.float64
+    names = [f"[{i}]" for i in range(matrix.shape[0])]
+    return np.asarray(matrix, np.float64), names, float(jnp.finfo(dtype).eps)
+
+
 # ---------------------------------------------------------------------------------------
 # Public assertions.
 
@@ -232,14 +263,8 @@ def assert_symmetric(
 
     `AssertionError` with the worst violation.
     """
-    operator = as_operator(operator)
-    check_square(operator)
-    message = symmetry_failure(
-        matrix_from_mv(operator),
-        entry_names(operator.in_structure()),
-        eps_of(operator),
-        rtol,
-    )
+    matrix, names, eps = _materialised(operator)
+    message = symmetry_failure(matrix, names, eps, rtol)
     if message is not None:
         raise AssertionError(message)
 
@@ -263,14 +288,9 @@ def assert_psd(
 
     `AssertionError` with the most negative eigenvalue and its eigenvector.
     """
+    matrix, names, eps = _materialised(operator)
     operator = as_operator(operator)
-    check_square(operator)
-    found = semidefinite_failure(
-        matrix_from_mv(operator),
-        entry_names(operator.in_structure()),
-        eps_of(operator),
-        rtol,
-    )
+    found = semidefinite_failure(matrix, names, eps, rtol)
     if found is not None:
         message, vector = found
         tree = unravel_like(operator)(jnp.asarray(vector))
@@ -322,7 +342,7 @@ def assert_matches_dense(
         matrix_failure(label, got, dense, names, rtol)
         for label, got in [
             ("`mv`", matrix_from_mv(operator)),
-            ("`as_matrix()`", np.asarray(operator.as_matrix(), np.float64)),
+            ("`as_matrix()`", as_matrix(operator)),
         ]
     ]
     messages = [m for m in messages if m is not None]
@@ -380,7 +400,7 @@ def assert_secant(
         )
     if isinstance(matrix, lx.AbstractLinearOperator) or not callable(matrix):
         operator = as_operator(matrix, "matrix")
-        dense = np.asarray(operator.as_matrix(), np.float64)
+        dense = as_matrix(operator)
         kappa = float(np.linalg.cond(dense))
         dtype = jnp.result_type(*jax.tree.leaves(operator.in_structure()))
         apply = operator.mv
@@ -480,12 +500,13 @@ def assert_inverse_root(
             with np.errstate(divide="ignore", invalid="ignore"):
                 off = np.abs(np.log(np.abs(got) / want))
             j = int(np.nanargmax(off)) if np.isfinite(off).any() else 0
+            ridged = f" (with the ridge, {kappa:.3g})" if ridge > 0 else ""
             acts_like = ""
             if got[j] > 0 and abs(np.log(values[j])) > 1e-3:
                 exponent = -np.log(values[j]) / np.log(got[j])
                 acts_like = f"; there it acts like an inverse {exponent:.3g}-th root"
             failures.append(
-                f"{label} (ridged condition {kappa:.3g}): relative error {error:.3g}, "
+                f"{label}{ridged}: relative error {error:.3g}, "
                 f"above the tolerance {tolerance:.3g}. At the eigenvalue "
                 f"{values[j]:.4g} of A, the root gives {got[j]:.6g} where "
                 f"lambda^(-1/{p}) = {want[j]:.6g}{acts_like}."

@@ -12,6 +12,7 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from .._misc import structure_of
 from ._assertions import (
+    as_matrix,
     check_square,
     default_rtol,
     entry_names,
@@ -303,7 +304,7 @@ def check_operator(
         )
 
     def check_mv_vs_as_matrix():
-        got = np.asarray(operator.as_matrix(), np.float64)
+        got = as_matrix(operator)
         found["as_matrix"] = got
         message = matrix_failure(
             "`as_matrix()`", got, a, names, rtol, what="the matrix `mv` gives"
