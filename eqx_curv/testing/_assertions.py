@@ -158,7 +158,7 @@ def symmetry_failure(
     if error <= rtol * scale:
         return None
     u, s, vt = np.linalg.svd(skew)
-    i, j = np.unravel_index(np.argmax(np.abs(skew)), skew.shape)
+    i, j = (int(k) for k in np.unravel_index(np.argmax(np.abs(skew)), skew.shape))
     return (
         f"The operator is not symmetric: ||A - A^T||_2 = {error:.3g}, above the "
         f"tolerance {rtol:.2g} x ||A||_2 = {rtol * scale:.3g}. Worst entry: "
@@ -424,7 +424,9 @@ def assert_secant(
         )
 
 
-def inverse_root_tolerance(dtype: Any, size: int, condition: float, p: int) -> float:
+def inverse_root_tolerance(
+    dtype: Any, size: int, condition: float | int, p: int
+) -> float:
     r"""The relative error allowed to an inverse $p$-th root:
     $\varepsilon\,(10\sqrt{n} + \kappa / p)$, rounding in $\sqrt{n}$-long dot products
     plus the forward error of a backward-stable method on a matrix of condition
@@ -437,10 +439,10 @@ def assert_inverse_root(
     p: int,
     *,
     sizes: Sequence[int] = (8, 32),
-    conditions: Sequence[float] = (1.0, 1e2, 1e4),
+    conditions: Sequence[float | int] = (1.0, 1e2, 1e4),
     dtype: Any = jnp.float32,
     seed: int = 0,
-    safety: float = 1.0,
+    safety: float | int = 1.0,
 ) -> None:
     r"""Assert that `root_fn(matrix, p)` computes the inverse $p$-th root $A^{-1/p}$.
 

@@ -1,6 +1,7 @@
 """`check_operator`: the whole battery of curvature-operator properties in one call."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -58,7 +59,7 @@ def _probe(operator, u, v, alpha, transpose: bool, views: tuple):
     basis = jnp.eye(vector.size, dtype=vector.dtype)
     w = jax.tree.map(lambda a, b: alpha.astype(a.dtype) * a + b, u, v)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), u, v, w)
-    out = dict(
+    out: dict[str, Any] = dict(
         matrix=jax.vmap(column)(basis).T,
         au=operator.mv(u),
         batched=jax.vmap(operator.mv)(stacked),
@@ -83,6 +84,10 @@ def _rows(batched, count: int) -> list:
     return [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(count)]
 
 
+def _name(function) -> str:
+    return getattr(function, "__name__", repr(function))
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [""])[0]
 
@@ -102,7 +107,9 @@ def _all_or_each(compute, names):
         return results, errors
 
 
-def _close(label: str, got, expected: np.ndarray, tolerance: float) -> None:
+def _close(
+    label: str, got, expected: np.ndarray, tolerance: float | np.floating
+) -> None:
     got = flat(got)
     error = float(np.linalg.norm(got - expected))
     if not error <= tolerance:
@@ -395,9 +402,9 @@ def check_operator(
             try:
                 answer = query(operator)
                 if not isinstance(answer, (bool, np.bool_)):
-                    problems.append(f"{query.__name__} returned {answer!r}")
+                    problems.append(f"{_name(query)} returned {answer!r}")
             except Exception as error:
-                problems.append(f"{query.__name__} raised {type(error).__name__}")
+                problems.append(f"{_name(query)} raised {type(error).__name__}")
         views, errors = found["views"], found["view_errors"]
         problems += [f"{name} raised {error}" for name, error in errors.items()]
         expected = {

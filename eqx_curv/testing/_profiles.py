@@ -12,6 +12,7 @@ load_profile()  # $HYPOTHESIS_PROFILE, else "dev"
 import os
 
 import hypothesis
+from hypothesis.errors import InvalidArgument
 
 
 # name -> keyword arguments of `hypothesis.settings`. Every profile has no deadline:
@@ -75,7 +76,7 @@ def load_profile(
     name = os.environ.get(environment_variable, default)
     try:
         hypothesis.settings.load_profile(name)
-    except hypothesis.errors.InvalidArgument as error:
+    except InvalidArgument as error:
         raise ValueError(
             f"No hypothesis profile is named {name!r} (from `{environment_variable}` "
             f"or `default`). Call `register_profiles()` first, or pick one of "

@@ -30,7 +30,7 @@ def _check_choices(values: Sequence, name: str) -> tuple:
 
 
 def spd_matrix(
-    size: int, condition: float, seed: int, *, nullity: int = 0
+    size: int, condition: float | int, seed: int, *, nullity: int = 0
 ) -> np.ndarray:
     r"""A float64 symmetric matrix $Q \operatorname{diag}(\lambda) Q^\top$ with a random
     orthogonal $Q$ and eigenvalues log-spaced from $1$ down to $1/\kappa$, exactly
@@ -66,7 +66,7 @@ def spd_matrix(
 
 def spd_matrices(
     sizes: Sequence[int] = (2, 4, 8),
-    conditions: Sequence[float] = (1.0, 1e2, 1e4),
+    conditions: Sequence[float | int] = (1.0, 1e2, 1e4),
     dtypes: Sequence[Any] = (jnp.float64,),
 ) -> st.SearchStrategy[Array]:
     r"""Symmetric positive definite matrices of chosen sizes, condition numbers and dtypes.
@@ -100,7 +100,7 @@ def spd_matrices(
 
 def psd_matrices(
     sizes: Sequence[int] = (2, 4, 8),
-    conditions: Sequence[float] = (1.0, 1e2),
+    conditions: Sequence[float | int] = (1.0, 1e2),
     dtypes: Sequence[Any] = (jnp.float64,),
     nullities: Sequence[int] = (1,),
 ) -> st.SearchStrategy[Array]:
@@ -137,7 +137,7 @@ def psd_matrices(
 
 def kronecker_factors(
     shapes: Sequence[tuple[int, int]] = ((1, 1), (2, 3), (4, 4)),
-    conditions: Sequence[float] = (1.0, 1e2),
+    conditions: Sequence[float | int] = (1.0, 1e2),
     dtypes: Sequence[Any] = (jnp.float64,),
 ) -> st.SearchStrategy[tuple[Array, Array]]:
     r"""Pairs `(A, B)` of symmetric positive definite Kronecker factors.
@@ -172,7 +172,7 @@ def kronecker_factors(
 
 def secant_pairs(
     sizes: Sequence[int] = (2, 3, 5, 8),
-    conditions: Sequence[float] = (1e1, 1e2),
+    conditions: Sequence[float | int] = (1e1, 1e2),
     dtypes: Sequence[Any] = (jnp.float64,),
 ) -> st.SearchStrategy[tuple[Array, Array]]:
     r"""Pairs `(s, y)` with $y^\top s > 0$, as a quasi-Newton method collects them.
