@@ -665,7 +665,7 @@ def test_eigendecompositions_refresh_only_every_k_steps():
     seen = []
     for _ in range(3):
         model, state, _ = step(model, state, loss, x, y)
-        seen.append(state.stats.eigens[0].left_values)
+        seen.append(state.stats.preconditioner[0].left)
     assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
 
 

@@ -20,6 +20,9 @@ from .._operators.kfac import (
     eigen,
     eigen_mv,
     factor_dtype,
+    factored_inverse,
+    factored_inverse_mv,
+    FactoredInverse,
     Factors,
     factors_from,
     FisherType,
@@ -39,7 +42,13 @@ from .fisher_adam import levenberg_marquardt
 
 class _KFACStats(eqx.Module):
     factors: Factors  # exponential averages (not yet bias-corrected), float32 at least
-    eigens: tuple[Eigen, ...]  # of the corrected factors at the last refresh
+    # At the last refresh: eigendecompositions of the corrected factors ("exact"),
+    # or their pi-adjusted damped inverses ("factored").
+    preconditioner: tuple[Eigen | FactoredInverse, ...]
+    # The damping the factored inverses were built with: the diagonal blocks use it
+    # too, so that the preconditioner stays one consistently damped matrix until the
+    # next refresh (a current damping on some blocks only destabilised training).
+    refreshed_damping: Float[Array, ""]
     damping: Float[Array, ""]  # lambda
     previous: PyTree[Array]  # delta_0, the last update (for momentum)
 
@@ -143,24 +152,31 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         # ones), so the layers are found by type from it.
         return analyse(params, self.approximation)
 
+    def _refresh_site(
+        self, left: Array, right: Array, damping: Array
+    ) -> Eigen | FactoredInverse:
+        if self.damping_method == "exact":
+            return eigen(left, right)
+        return factored_inverse(left, right, damping)
+
     def init_stats(self, params: PyTree[Array]) -> _KFACStats:
         layout = self._layout(params)
         leaves = jax.tree.leaves(params)
         dtype = factor_dtype(params)
         lefts, rights, eigens = [], [], []
+        damping = jnp.asarray(self.damping).astype(promoted_dtype(params))
         for site in layout.sites:
             k, m, n = site.blocks, site.rows, site.columns
             right = (k, n) if site.diagonal_input else (k, n, n)
             lefts.append(jnp.zeros((k, m, m), dtype))
             rights.append(jnp.zeros(right, dtype))
-            eigens.append(eigen(lefts[-1], rights[-1]))
+            eigens.append(self._refresh_site(lefts[-1], rights[-1], damping))
         diagonal = tuple(
             jnp.zeros(jnp.shape(leaves[i]), dtype) for i in layout.diagonal_indices
         )
         factors = Factors(tuple(lefts), tuple(rights), diagonal)
-        damping = jnp.asarray(self.damping).astype(promoted_dtype(params))
         previous = jax.tree.map(jnp.zeros_like, params)
-        return _KFACStats(factors, tuple(eigens), damping, previous)
+        return _KFACStats(factors, tuple(eigens), damping, damping, previous)
 
     def check_loss(self, loss: Callable) -> None:
         if not isinstance(loss, AbstractLoss):
@@ -249,28 +265,47 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         correction = 1 - cast_like(decay, first) ** (count + 1).astype(first.dtype)
         corrected = jax.tree.map(lambda f: f / correction, factors)
 
-        def refresh(f: Factors) -> tuple[Eigen, ...]:
-            return tuple(eigen(a, b) for a, b in zip(f.left, f.right))
+        damping = stats.damping
+
+        def refresh(f: Factors):
+            sites = zip(f.left, f.right)
+            return tuple(self._refresh_site(a, b, damping) for a, b in sites), damping
 
         if self.inverse_every == 1:
-            eigens = refresh(corrected)
+            preconditioner, refreshed = refresh(corrected)
         else:
-            # Amortised: the eigendecompositions run only on every k-th step.
-            eigens = jax.lax.cond(
-                count % self.inverse_every == 0,
+            # Amortised: the inverses or eigendecompositions run only on every k-th
+            # step.
+            # "factored" builds the damping into the inverses, so they are also
+            # rebuilt when the Levenberg-Marquardt rule has changed it: a stale
+            # damping there destabilised training (digits, one seed in three).
+            due = count % self.inverse_every == 0
+            if self.damping_method == "factored":
+                due = due | (damping != stats.refreshed_damping)
+            preconditioner, refreshed = jax.lax.cond(
+                due,
                 refresh,
-                lambda _: stats.eigens,
+                lambda _: (stats.preconditioner, stats.refreshed_damping),
                 corrected,
             )
-        damping = stats.damping
-        method = self.damping_method
-        values = [spectral_values(e, damping, -1, method) for e in eigens]
+        # "exact" applies the current damping in the eigenbases every step.
+        diagonal_damping = damping if self.damping_method == "exact" else refreshed
         dtype = jnp.result_type(first)
+
+        def site_fn(i, x):
+            p = preconditioner[i]
+            if isinstance(p, FactoredInverse):
+                return factored_inverse_mv(p, x)
+            values = spectral_values(p, damping, -1, "exact")
+            return eigen_mv(p, values, x)
+
         precondition = blockwise(
             layout,
             grads,
-            lambda i, x: eigen_mv(eigens[i], values[i], x),
-            lambda j, v: v * diagonal_values(corrected.diagonal[j], damping, -1),
+            site_fn,
+            lambda j, v: (
+                v * diagonal_values(corrected.diagonal[j], diagonal_damping, -1)
+            ),
             dtype,
         )
         direction = jax.tree.map(jnp.negative, precondition)
@@ -280,7 +315,9 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             # The schedule scales the quadratic model's step (`adapt`).
             "scale": learning_rate.astype(damping.dtype),
         }
-        new_stats = _KFACStats(factors, eigens, damping, stats.previous)
+        new_stats = _KFACStats(
+            factors, preconditioner, refreshed, damping, stats.previous
+        )
         return direction, new_stats, info
 
     def adapt(
@@ -360,7 +397,13 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             predicted_change=predicted,
             reduction_ratio=rho,
         )
-        new_stats = _KFACStats(stats.factors, stats.eigens, new_damping, updates)
+        new_stats = _KFACStats(
+            stats.factors,
+            stats.preconditioner,
+            stats.refreshed_damping,
+            new_damping,
+            updates,
+        )
         return Proposal(proposal.loss, grads, updates, new_stats, info)
 
 

@@ -238,6 +238,40 @@ def spectral_values(
     return values**exponent
 
 
+class FactoredInverse(eqx.Module):
+    r"""$(A + \pi\gamma I)^{-1}$ and $(B + \gamma/\pi I)^{-1}$ of one site (the right one
+    `[blocks, n]` for a diagonal input factor)."""
+
+    left: Array
+    right: Array
+
+
+def factored_inverse(left: Array, right: Array, damping: Array) -> FactoredInverse:
+    r"""The $\pi$-adjusted damped inverses of both factors, $\gamma = \sqrt\lambda$
+    (Martens and Grosse, section 6.3): one LU inversion each, far cheaper than an
+    eigendecomposition on a CPU."""
+    m, n = left.shape[-1], right.shape[-1]
+    trace_b = right if right.ndim == 2 else jnp.diagonal(right, axis1=-2, axis2=-1)
+    mean_a = jnp.trace(left, axis1=-2, axis2=-1) / m
+    mean_b = jnp.sum(trace_b, axis=-1) / n
+    ok = (mean_a > 0) & (mean_b > 0)
+    pi = jnp.where(ok, jnp.sqrt(mean_a / jnp.where(ok, mean_b, 1)), 1)
+    root = jnp.sqrt(damping.astype(left.dtype))
+    eye_m = jnp.eye(m, dtype=left.dtype)[None]
+    symmetric = 0.5 * (left + jnp.swapaxes(left, -1, -2))
+    left_inverse = jnp.linalg.inv(symmetric + (pi * root)[:, None, None] * eye_m)
+    if right.ndim == 2:
+        return FactoredInverse(left_inverse, 1 / (right + (root / pi)[:, None]))
+    eye_n = jnp.eye(n, dtype=left.dtype)[None]
+    symmetric = 0.5 * (right + jnp.swapaxes(right, -1, -2))
+    right_inverse = jnp.linalg.inv(symmetric + (root / pi)[:, None, None] * eye_n)
+    return FactoredInverse(left_inverse, right_inverse)
+
+
+def factored_inverse_mv(f: FactoredInverse, x: Array) -> Array:
+    return _kron_mv(f.left, f.right, x)
+
+
 def eigen_mv(e: Eigen, values: Array, x: Array) -> Array:
     """$Q_A ((Q_A^\\top X Q_B) \\odot V) Q_B^\\top$ for every block."""
     qa, qb = e.left_vectors, e.right_vectors
