@@ -419,14 +419,16 @@ class KFAC(AbstractKFAC):
         batch's factors $A$, $B$; every other parameter gets a diagonal. They enter
         exponential averages with decay `factor_decay` (Adam's bias correction),
         accumulated in float32 at least (float64 for a float64 model).
-    2. **Preconditioning.** Every `inverse_every` steps (under `jax.lax.cond`: the
-        others do not pay) the averaged factors are eigendecomposed. Each step,
-        $\Delta = -(\hat F + \lambda)^{-1} g$ blockwise in those eigenbases, with the
-        current damping $\lambda$: `damping_method="factored"` is the
-        $\pi$-adjusted Tikhonov damping $(A + \pi\sqrt\lambda)^{-1} \otimes
-        (B + \sqrt\lambda/\pi)^{-1}$ (section 6.3); `"exact"` is $(A \otimes B +
-        \lambda)^{-1}$, exact in the Kronecker eigenbasis. Diagonal blocks:
-        $g / (d + \lambda)$.
+    2. **Preconditioning.** $\Delta = -(\hat F + \lambda)^{-1} g$ blockwise.
+        `damping_method="factored"` (default) is the $\pi$-adjusted Tikhonov damping
+        $(A + \pi\sqrt\lambda)^{-1} \otimes (B + \sqrt\lambda/\pi)^{-1}$ (section
+        6.3), the two inverses computed (by LU) every `inverse_every` steps and
+        whenever the damping has changed since, under `jax.lax.cond`: the other steps
+        do not pay. `"exact"` is $(A \otimes B + \lambda)^{-1}$, exact in the
+        Kronecker eigenbasis: the factors are eigendecomposed every `inverse_every`
+        steps and the current damping applied every step (an eigendecomposition
+        costs far more than an inverse on a CPU). Diagonal blocks: $g / (d +
+        \lambda)$.
     3. **Learning rate and momentum** from the exact quadratic model on the batch
         (section 7): with the previous update $\delta_0$ and the batch's GGN $G$
         (one forward-mode pass for $J\Delta$ and $J\delta_0$, the loss's output
@@ -468,7 +470,8 @@ class KFAC(AbstractKFAC):
     - `approximation`: `"expand"` (default) or `"reduce"`, for layers applied
         several times per example.
     - `factor_decay`: the averages' decay in [0, 1). Default 0.95.
-    - `inverse_every`: eigendecompose the factors every this many steps. Default 10.
+    - `inverse_every`: rebuild the inverses (or eigendecompositions) every this many
+        steps. Default 10.
     - `damping`: the initial $\lambda$. Default 1e-2.
     - `damping_bounds`: `(lowest, highest)` for $\lambda$, both positive.
         Default `(1e-4, 1e4)`.
