@@ -116,6 +116,21 @@ def block_norms(blocks: Array) -> Array:
     return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=tuple(range(1, blocks.ndim))))
 
 
+def map_matrices(fn: Callable, matrices: Any):
+    """`fn` on each of a stack of matrices (leading axis), in one call.
+
+    On accelerators one `jax.vmap`-ed call. On CPU a `jax.lax.map` (one compiled
+    loop over the stack): XLA:CPU runs batched products of small matrices far slower
+    than one at a time (40 inverse 4th roots of 128 x 128: 2.2 s vmapped, 0.2 s
+    mapped), and under `vmap` the eigendecomposition fallback of
+    `eqx_curv.inverse_pth_root` runs for every matrix (its `lax.cond` becomes a
+    select), where mapped it runs only for the roots that need it.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(fn, matrices)
+    return jax.vmap(fn)(matrices)
+
+
 def apply_grouped(
     fn: Callable[[Hashable, Any], Any], items: Sequence[tuple[Hashable, Any]]
 ) -> list[Any]:

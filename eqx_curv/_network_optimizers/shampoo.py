@@ -20,6 +20,7 @@ from ._blocking import (
     from_blocks,
     Layout,
     make_layout,
+    map_matrices,
     mode_gram,
     mode_product,
     to_blocks,
@@ -52,21 +53,6 @@ def accumulation_dtype(x: Array):
     """Statistics accumulate in float32 at least (also for 16-bit parameters)."""
     dtype = jnp.result_type(x)
     return dtype if jnp.dtype(dtype).itemsize >= 4 else jnp.dtype(jnp.float32)
-
-
-def map_matrices(fn: Callable, matrices: Array):
-    """`fn` on each of a stack of matrices, in one call.
-
-    On accelerators one `jax.vmap`-ed call. On CPU a `jax.lax.map` (one compiled
-    loop over the stack): XLA:CPU runs batched products of small matrices far slower
-    than one at a time (40 inverse 4th roots of 128 x 128: 2.2 s vmapped, 0.2 s
-    mapped), and under `vmap` the eigendecomposition fallback of
-    [`eqx_curv.inverse_pth_root`][] runs for every matrix (its `lax.cond` becomes a
-    select), where mapped it runs only for the roots that need it.
-    """
-    if jax.default_backend() == "cpu":
-        return jax.lax.map(fn, matrices)
-    return jax.vmap(fn)(matrices)
 
 
 def _layout(x: Array, block_size: int) -> Layout | None:

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 from equinox import AbstractVar
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
+from .._misc import (
+    check_hyperparameter,
+    check_positive_int,
+    matmul,
+    RealScalarLike,
+    shown,
+)
 from ._blocking import (
     adam_ratio,
     apply_grouped,
@@ -18,6 +24,7 @@ from ._blocking import (
     from_blocks,
     Layout,
     make_layout,
+    map_matrices,
     mode_gram,
     mode_product,
     to_blocks,
@@ -50,22 +57,19 @@ def _layout(x: Array) -> Layout | None:
     return layout if layout.merged else None
 
 
-def _eigenbasis(matrices: Array) -> Array:
-    """Eigenvectors of symmetric matrices `[n, s, s]`, largest eigenvalue first."""
-    _, vectors = jnp.linalg.eigh(matrices)
-    return vectors[..., ::-1]
+def _eigenbasis(matrix: Array) -> Array:
+    """Eigenvectors of a symmetric matrix, largest eigenvalue first."""
+    _, vectors = jnp.linalg.eigh(matrix)
+    return vectors[:, ::-1]
 
 
-def _power_qr(matrices: Array, bases: Array) -> tuple[Array, Array]:
-    """One power-iteration step and a QR, after sorting the columns of `bases` by
-    their Rayleigh quotients (largest first); returns the new bases and the sort."""
-    product = jnp.einsum(
-        "nij,njk->nik", matrices, bases, precision=jax.lax.Precision.HIGHEST
-    )
-    estimates = jnp.sum(bases * product, axis=-2)
-    order = jnp.argsort(-estimates, axis=-1, stable=True)
-    product = jnp.take_along_axis(product, order[:, None, :], axis=-1)
-    q, _ = jnp.linalg.qr(product)
+def _power_qr(matrix: Array, basis: Array) -> tuple[Array, Array]:
+    """One power-iteration step and a QR, after sorting the columns of `basis` by
+    their Rayleigh quotients (largest first); returns the new basis and the sort."""
+    product = matmul(matrix, basis)
+    estimates = jnp.sum(basis * product, axis=0)
+    order = jnp.argsort(-estimates, stable=True)
+    q, _ = jnp.linalg.qr(product[:, order])
     return q, order
 
 
@@ -153,11 +157,14 @@ class AbstractSOAP(AbstractNetworkOptimizer[_SOAPStats, None]):
             def by_eigh():
                 # The ranks of the eigenvalues are V's coordinates: kept as they are.
                 order = jnp.broadcast_to(jnp.arange(old.shape[-1]), old.shape[:-1])
-                return _eigenbasis(matrices), order
+                return map_matrices(_eigenbasis, matrices), order
+
+            def by_power_qr():
+                return map_matrices(lambda mq: _power_qr(*mq), (matrices, old))
 
             if self.refresh == "eigh":
                 return by_eigh()
-            return jax.lax.cond(first_time, by_eigh, lambda: _power_qr(matrices, old))
+            return jax.lax.cond(first_time, by_eigh, by_power_qr)
 
         results = iter(apply_grouped(new_basis, items))
         new_bases, new_second = [], []
