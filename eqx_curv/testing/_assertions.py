@@ -77,10 +77,8 @@ def entry_names(structure: PyTree[jax.ShapeDtypeStruct]) -> list[str]:
     names = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(structure):
         where = jax.tree_util.keystr(path) or "vector"
-        if leaf.shape == ():
-            names.append(where)
-        for index in np.ndindex(*leaf.shape) if leaf.shape != () else ():
-            names.append(f"{where}[{', '.join(map(str, index))}]")
+        for index in np.ndindex(*leaf.shape):  # one empty index for a scalar
+            names.append(f"{where}[{', '.join(map(str, index))}]" if index else where)
     return names
 
 

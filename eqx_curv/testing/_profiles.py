@@ -31,13 +31,7 @@ PROFILES: dict[str, dict] = {
     ),
     # Accelerators: more examples (the point there is how matmul precision moves the
     # results), still derandomised.
-    "gpu": dict(
-        max_examples=30,
-        deadline=None,
-        derandomize=True,
-        print_blob=True,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-    ),
+    "gpu": dict(max_examples=30, deadline=None, derandomize=True, print_blob=True),
 }
 
 
