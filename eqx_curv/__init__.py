@@ -1,5 +1,9 @@
 """eqx_curv: curvature matrices as lineax operators, and second-order optimizers."""
 
+from ._layers import (
+    AbstractKFACRule as AbstractKFACRule,
+    register_kfac_layer as register_kfac_layer,
+)
 from ._linalg.cg import CG as CG
 from ._linalg.newton_schulz import (
     CUBIC_COEFFICIENTS as CUBIC_COEFFICIENTS,
@@ -23,12 +27,24 @@ from ._losses import (
     SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
     SoftmaxCrossEntropy as SoftmaxCrossEntropy,
 )
+from ._network_optimizers.adahessian import AdaHessian as AdaHessian
 from ._network_optimizers.base import (
     AbstractNetworkOptimizer as AbstractNetworkOptimizer,
     StepInfo as StepInfo,
 )
+from ._network_optimizers.diagonal_newton import (
+    StochasticDiagonalNewton as StochasticDiagonalNewton,
+)
 from ._network_optimizers.fisher_adam import FisherAdam as FisherAdam
+from ._network_optimizers.gauss_newton import (
+    GaussNewton as GaussNewton,
+    NaturalGradient as NaturalGradient,
+)
+from ._network_optimizers.kfac import KFAC as KFAC
+from ._network_optimizers.muon import hidden_matrices as hidden_matrices, Muon as Muon
 from ._network_optimizers.sgd import SGD as SGD
+from ._network_optimizers.shampoo import Shampoo as Shampoo
+from ._network_optimizers.soap import SOAP as SOAP
 from ._operators.base import AbstractCurvatureOperator as AbstractCurvatureOperator
 from ._operators.block_diagonal import BlockDiagonalOperator as BlockDiagonalOperator
 from ._operators.damped import DampedOperator as DampedOperator
@@ -43,6 +59,10 @@ from ._operators.ggn import (
     GGNOperator as GGNOperator,
 )
 from ._operators.hessian import HessianOperator as HessianOperator
+from ._operators.kfac import (
+    KFACOperator as KFACOperator,
+    KFACSpectralOperator as KFACSpectralOperator,
+)
 from ._operators.kronecker import (
     KroneckerEigenOperator as KroneckerEigenOperator,
     KroneckerOperator as KroneckerOperator,

@@ -390,4 +390,12 @@ NETWORK_OPTIMIZERS = {
     "fisher_adam": lambda: _eqx_curv().FisherAdam(),
     "fisher_adam_true": lambda: _eqx_curv().FisherAdam(fisher="true"),
     "fisher_adam_natural": lambda: _eqx_curv().FisherAdam(exponent=1.0, momentum=0.0),
+    "shampoo": lambda: _eqx_curv().Shampoo(),
+    "soap": lambda: _eqx_curv().SOAP(),
+    "muon": lambda: _eqx_curv().Muon(),
+    "gauss_newton": lambda: _eqx_curv().GaussNewton(),
+    "natural_gradient_mc": lambda: _eqx_curv().NaturalGradient(fisher="mc"),
+    "adahessian": lambda: _eqx_curv().AdaHessian(),
+    "diagonal_newton": lambda: _eqx_curv().StochasticDiagonalNewton(),
+    "kfac": lambda: _eqx_curv().KFAC(),
 }
