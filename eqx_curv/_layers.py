@@ -39,7 +39,7 @@ import abc
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -130,9 +130,9 @@ class AbstractKFACRule(eqx.Module):
     ) -> Float[Array, "rows groups m"]:
         """The gradient with respect to the call's output as rows $g_r$."""
 
-    def diagonal_input(self) -> bool:
-        """Whether the input factor is kept diagonal (one-hot inputs: embeddings)."""
-        return False
+    # Whether the input factor is kept diagonal (one-hot inputs: embeddings). A
+    # class attribute, so that a rule sets it without overriding a method.
+    diagonal_input: ClassVar[bool] = False
 
 
 def _with_bias(matrix: Array, bias: Array | None) -> Array:
@@ -242,8 +242,7 @@ class EmbeddingRule(AbstractKFACRule):
     def output_rows(self, layer, cotangent):
         return jnp.reshape(cotangent, (1, 1, -1))
 
-    def diagonal_input(self):
-        return True
+    diagonal_input: ClassVar[bool] = True
 
 
 _RULES: dict[type, AbstractKFACRule] = {
@@ -315,7 +314,7 @@ class Site(eqx.Module):
 
     @property
     def diagonal_input(self) -> bool:
-        return self.rule.diagonal_input()
+        return self.rule.diagonal_input
 
     def matrix(self, weight: Array, bias: Array | None) -> Array:
         """The parameters as `[blocks, m, n]`."""
