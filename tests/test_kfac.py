@@ -494,6 +494,7 @@ class _MiniViT(eqx.Module):
         return self.head(x[0])
 
 
+@pytest.mark.slow  # seconds of compilation and training: run with `-m slow`
 def test_vision_transformers_are_factored_under_jit():
     import eqx_curv
     from eqx_curv.experiments.tinyvit import TinyViT
@@ -604,6 +605,7 @@ def _kfac_digits():
     return [_digits_run(opt, jnp.asarray(seed), 12, 100) for seed in range(3)]
 
 
+@pytest.mark.slow  # seconds of compilation and training: run with `-m slow`
 def test_kfac_beats_sgd_and_adam_on_digits_with_defaults():
     import eqx_curv
 
@@ -615,6 +617,7 @@ def test_kfac_beats_sgd_and_adam_on_digits_with_defaults():
         assert float(full[0]) < float(other[0]) / 10, (type(opt), full[0], other[0])
 
 
+@pytest.mark.slow  # seconds of compilation and training: run with `-m slow`
 def test_kfac_trains_to_1e_4_without_blowing_up():
     # The incumbent's default damping floor (1e-8) lets the steps blow up as the
     # loss nears zero; ours stays bounded: every seed goes below 1e-4, no step is
@@ -669,6 +672,7 @@ def test_eigendecompositions_refresh_only_every_k_steps():
     assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
 
 
+@pytest.mark.slow  # seconds of compilation and training: run with `-m slow`
 def test_low_precision_models_accumulate_factors_in_float32():
     import eqx_curv
 

@@ -408,6 +408,7 @@ def test_optax_form_gives_the_updates_of_step(name):
         )
 
 
+@pytest.mark.slow  # three optimizers trained on digits: run with `-m slow`
 def test_defaults_train_digits_further_than_sgd():
     import eqx_curv
     from eqx_curv.experiments.data import digits

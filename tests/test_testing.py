@@ -415,7 +415,7 @@ def test_check_operator_names_mv_against_as_matrix_and_false_tags():
 # The whole protocol on every optimizer compiles several steps each; the default suite
 # runs it on these (a gradient method, a diagonal Fisher, a curvature solve) and the
 # rest under `-m slow`.
-_FAST_OPTIMIZERS = ("sgd", "fisher_adam", "gauss_newton")
+_FAST_OPTIMIZERS = ("sgd",)
 
 
 @pytest.mark.parametrize(
