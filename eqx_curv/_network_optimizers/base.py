@@ -463,3 +463,32 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
             return updates, new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AbstractGradientOptimizer(AbstractNetworkOptimizer[_Stats, None]):
+    """A network optimizer that needs only the gradient: any loss, no key of its own,
+    no adaptation after the step, and an optax form. Subclasses give `init_stats`,
+    `uses_params` and `direction`."""
+
+    def check_loss(self, loss: Callable) -> None:
+        del loss  # any `loss(outputs, targets) -> scalar` will do
+
+    def needs_key(self) -> bool:
+        return False
+
+    def evaluate(
+        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
+    ) -> tuple[Scalar, PyTree[Array], None]:
+        del key
+        value, grads = jax.value_and_grad(objective.value)(params)
+        return value, grads, None
+
+    def adapt(
+        self, objective: Objective, params: PyTree[Array], proposal: Proposal[_Stats]
+    ) -> Proposal[_Stats]:
+        del objective, params
+        return proposal
+
+    def gradient_only_aux(self, grads: PyTree[Array]) -> None:
+        del grads
+        return None

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree
 
 from .._linalg.newton_schulz import MUON_COEFFICIENTS, newton_schulz
 from .._misc import (
@@ -19,12 +19,10 @@ from .._misc import (
 )
 from ._blocking import adam_ratio, apply_grouped, bias_correction, ema
 from .base import (
-    AbstractNetworkOptimizer,
+    AbstractGradientOptimizer,
     cast_like,
     is_zero,
     LearningRate,
-    Objective,
-    Proposal,
 )
 
 
@@ -69,7 +67,7 @@ def hidden_matrices(params: PyTree) -> PyTree[bool]:
     return jax.tree.map(mark, params, is_leaf=_is_layer)
 
 
-class AbstractMuon(AbstractNetworkOptimizer[_MuonStats, None]):
+class AbstractMuon(AbstractGradientOptimizer[_MuonStats]):
     """Muon; see [`eqx_curv.Muon`][]."""
 
     learning_rate: AbstractVar[LearningRate]
@@ -150,21 +148,8 @@ class AbstractMuon(AbstractNetworkOptimizer[_MuonStats, None]):
         second = tuple(None if h else jnp.zeros_like(x) for h, x in zip(mask, leaves))
         return _MuonStats(momentum, second)
 
-    def check_loss(self, loss: Callable) -> None:
-        del loss  # any `loss(outputs, targets) -> scalar` will do
-
-    def needs_key(self) -> bool:
-        return False
-
     def uses_params(self) -> bool:
         return not is_zero(self.weight_decay)
-
-    def evaluate(
-        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
-    ) -> tuple[Scalar, PyTree[Array], None]:
-        del key
-        value, grads = jax.value_and_grad(objective.value)(params)
-        return value, grads, None
 
     def _adam_schedule(self, count: Int[Array, ""]) -> Array:
         lr = self.adam_learning_rate
@@ -246,19 +231,6 @@ class AbstractMuon(AbstractNetworkOptimizer[_MuonStats, None]):
 
         new_stats = _MuonStats(tuple(momentum), tuple(second))
         return jax.tree.unflatten(treedef, updates), new_stats, {}
-
-    def adapt(
-        self,
-        objective: Objective,
-        params: PyTree[Array],
-        proposal: Proposal[_MuonStats],
-    ) -> Proposal[_MuonStats]:
-        del objective, params
-        return proposal
-
-    def gradient_only_aux(self, grads: PyTree[Array]) -> None:
-        del grads
-        return None
 
 
 class Muon(AbstractMuon):

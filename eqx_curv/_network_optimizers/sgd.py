@@ -1,21 +1,17 @@
 r"""Stochastic gradient descent with momentum, Nesterov momentum and weight decay."""
 
-from collections.abc import Callable
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree
 
 from .._misc import check_hyperparameter, RealScalarLike, shown
 from .base import (
-    AbstractNetworkOptimizer,
+    AbstractGradientOptimizer,
     cast_like,
     is_zero,
     LearningRate,
-    Objective,
-    Proposal,
 )
 
 
@@ -24,7 +20,7 @@ class _SGDStats(eqx.Module):
     momentum: PyTree[Array] | None
 
 
-class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
+class AbstractSGD(AbstractGradientOptimizer[_SGDStats]):
     """Stochastic gradient descent; see [`eqx_curv.SGD`][]."""
 
     learning_rate: AbstractVar[LearningRate]
@@ -49,21 +45,8 @@ class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
             return _SGDStats(None)
         return _SGDStats(jax.tree.map(jnp.zeros_like, params))
 
-    def check_loss(self, loss: Callable) -> None:
-        del loss  # any `loss(outputs, targets) -> scalar` will do
-
-    def needs_key(self) -> bool:
-        return False
-
     def uses_params(self) -> bool:
         return not is_zero(self.weight_decay)
-
-    def evaluate(
-        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
-    ) -> tuple[Scalar, PyTree[Array], None]:
-        del key
-        value, grads = jax.value_and_grad(objective.value)(params)
-        return value, grads, None
 
     def direction(
         self,
@@ -98,16 +81,6 @@ class AbstractSGD(AbstractNetworkOptimizer[_SGDStats, None]):
             return -lr * (d + cast_like(self.weight_decay, p) * p)
 
         return jax.tree.map(update, step, params), _SGDStats(buffer), {}
-
-    def adapt(
-        self, objective: Objective, params: PyTree[Array], proposal: Proposal[_SGDStats]
-    ) -> Proposal[_SGDStats]:
-        del objective, params
-        return proposal
-
-    def gradient_only_aux(self, grads: PyTree[Array]) -> None:
-        del grads
-        return None
 
 
 class SGD(AbstractSGD):

@@ -1,13 +1,12 @@
 r"""Shampoo: one Kronecker factor per tensor dimension, roots every k steps, grafting."""
 
-from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree
 
 from .._linalg.roots import inverse_pth_root
 from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
@@ -26,12 +25,10 @@ from ._blocking import (
     to_blocks,
 )
 from .base import (
-    AbstractNetworkOptimizer,
+    AbstractGradientOptimizer,
     cast_like,
     is_zero,
     LearningRate,
-    Objective,
-    Proposal,
 )
 
 
@@ -64,7 +61,7 @@ def _layout(x: Array, block_size: int) -> Layout | None:
     return layout if layout.merged else None
 
 
-class AbstractShampoo(AbstractNetworkOptimizer[_ShampooStats, None]):
+class AbstractShampoo(AbstractGradientOptimizer[_ShampooStats]):
     """Shampoo; see [`eqx_curv.Shampoo`][]."""
 
     learning_rate: AbstractVar[LearningRate]
@@ -206,21 +203,8 @@ class AbstractShampoo(AbstractNetworkOptimizer[_ShampooStats, None]):
 
     # -- the protocol --------------------------------------------------------------
 
-    def check_loss(self, loss: Callable) -> None:
-        del loss  # any `loss(outputs, targets) -> scalar` will do
-
-    def needs_key(self) -> bool:
-        return False
-
     def uses_params(self) -> bool:
         return not is_zero(self.weight_decay)
-
-    def evaluate(
-        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
-    ) -> tuple[Scalar, PyTree[Array], None]:
-        del key
-        value, grads = jax.value_and_grad(objective.value)(params)
-        return value, grads, None
 
     def direction(
         self,
@@ -330,19 +314,6 @@ class AbstractShampoo(AbstractNetworkOptimizer[_ShampooStats, None]):
         )
         info = {"roots_refreshed": refresh, "root_failures": failures}
         return updates, new_stats, info
-
-    def adapt(
-        self,
-        objective: Objective,
-        params: PyTree[Array],
-        proposal: Proposal[_ShampooStats],
-    ) -> Proposal[_ShampooStats]:
-        del objective, params
-        return proposal
-
-    def gradient_only_aux(self, grads: PyTree[Array]) -> None:
-        del grads
-        return None
 
 
 class Shampoo(AbstractShampoo):

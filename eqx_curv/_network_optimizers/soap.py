@@ -1,13 +1,12 @@
 r"""SOAP: Adam in the eigenbasis of Shampoo's statistics, the basis refreshed every k steps."""
 
-from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree
 
 from .._misc import (
     check_hyperparameter,
@@ -30,12 +29,10 @@ from ._blocking import (
     to_blocks,
 )
 from .base import (
-    AbstractNetworkOptimizer,
+    AbstractGradientOptimizer,
     cast_like,
     is_zero,
     LearningRate,
-    Objective,
-    Proposal,
 )
 from .shampoo import accumulation_dtype
 
@@ -73,7 +70,7 @@ def _power_qr(matrix: Array, basis: Array) -> tuple[Array, Array]:
     return q, order
 
 
-class AbstractSOAP(AbstractNetworkOptimizer[_SOAPStats, None]):
+class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
     """SOAP; see [`eqx_curv.SOAP`][]."""
 
     learning_rate: AbstractVar[LearningRate]
@@ -193,21 +190,8 @@ class AbstractSOAP(AbstractNetworkOptimizer[_SOAPStats, None]):
 
     # -- the protocol --------------------------------------------------------------
 
-    def check_loss(self, loss: Callable) -> None:
-        del loss  # any `loss(outputs, targets) -> scalar` will do
-
-    def needs_key(self) -> bool:
-        return False
-
     def uses_params(self) -> bool:
         return not is_zero(self.weight_decay)
-
-    def evaluate(
-        self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
-    ) -> tuple[Scalar, PyTree[Array], None]:
-        del key
-        value, grads = jax.value_and_grad(objective.value)(params)
-        return value, grads, None
 
     def direction(
         self,
@@ -284,19 +268,6 @@ class AbstractSOAP(AbstractNetworkOptimizer[_SOAPStats, None]):
         new_stats = _SOAPStats(statistics, bases, first, tuple(new_second))
         info = {"basis_refreshed": refresh}
         return jax.tree.unflatten(treedef, updates), new_stats, info
-
-    def adapt(
-        self,
-        objective: Objective,
-        params: PyTree[Array],
-        proposal: Proposal[_SOAPStats],
-    ) -> Proposal[_SOAPStats]:
-        del objective, params
-        return proposal
-
-    def gradient_only_aux(self, grads: PyTree[Array]) -> None:
-        del grads
-        return None
 
 
 class SOAP(AbstractSOAP):
