@@ -48,6 +48,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._misc import HIGHEST
+from ._sharding.context import per_shard
 from ._operators.ggn import apply_batched
 
 
@@ -674,7 +675,10 @@ def linearise(
         for i in layout.diagonal_indices
     ]
     shared = [None if i in layout.diagonal_indices else x for i, x in enumerate(leaves)]
-    probes = zero_probes(layout, batch, dtype)
+    # Per-device in a data-parallel step: their cotangents are this device's
+    # statistics, not sums over the devices.
+    diagonal = per_shard(diagonal)
+    probes = per_shard(zero_probes(layout, batch, dtype))
 
     def split(p: Probes) -> tuple[Probes, Probes]:
         batched = Probes(None, None, p.input_sum, p.output_sum, None)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._misc import HIGHEST
+from .._sharding.context import spread_map
 
 
 class Layout(NamedTuple):
@@ -125,7 +126,14 @@ def map_matrices(fn: Callable, matrices: Any):
     mapped), and under `vmap` the eigendecomposition fallback of
     `eqx_curv.inverse_pth_root` runs for every matrix (its `lax.cond` becomes a
     select), where mapped it runs only for the roots that need it.
+
+    In a data-parallel step ([`eqx_curv.data_parallel`][]) the stack is shared out
+    over the devices of the data axis and the results gathered.
     """
+    return spread_map(fn, matrices, _map_here)
+
+
+def _map_here(fn: Callable, matrices: Any):
     if jax.default_backend() == "cpu":
         return jax.lax.map(fn, matrices)
     return jax.vmap(fn)(matrices)

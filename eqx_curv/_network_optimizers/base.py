@@ -44,6 +44,7 @@ from .._misc import (
     tree_all_finite,
 )
 from .._operators.ggn import apply_batched, batch_size
+from .._sharding.context import all_over_shards
 
 
 if TYPE_CHECKING:
@@ -375,7 +376,7 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
 
         batch = eqx.filter(inputs, eqx.is_inexact_array)
         ok = (
-            tree_all_finite(batch)
+            all_over_shards(tree_all_finite(batch))  # every device's share of it
             & jnp.isfinite(proposal.loss)
             & tree_all_finite(proposal.grads)
             & tree_all_finite(proposal.updates)
@@ -403,7 +404,8 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
                 "`state` must be the state from `init(model)` or the previous `step`, "
                 f"not {type(state).__name__}."
             )
-        expected = jax.eval_shape(self.init_stats, params)
+        # Shapes and dtypes only (inside `shard_map` `eval_shape` also gives a vma).
+        expected = structure_of(jax.eval_shape(self.init_stats, params))
         got = structure_of(state.stats)
         if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
             raise ValueError(

@@ -11,6 +11,12 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 from .._layers import analyse, Approximation, Layout, linearise, usable_layout
 from .._losses import AbstractLoss
 from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
+from .._sharding.context import (
+    mean_over_shards,
+    num_shards,
+    spread_calls,
+    sum_over_shards,
+)
 from .._operators.kfac import (
     blockwise,
     check_fisher_type,
@@ -231,14 +237,17 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             # The data pass's output gradients are those of the MEAN loss (1/N of
             # each example's): its squares are N^2 too small.
             stats = jax.tree.map(lambda x: x[None], data)
-            weight = float(batch)
+            # In a data-parallel step they are those of the whole batch's mean,
+            # `num_shards()` times smaller again.
+            weight = float(batch) * num_shards() ** 2
         else:
             cotangents, scale = output_cotangents(
                 loss, outputs, objective.targets, self.fisher_type, key, 1
             )
             stats = jax.vmap(pullback)(cotangents)
             weight = (1.0 if self.fisher_type == "type2" else scale) / batch
-        factors = factors_from(layout, data, stats, batch, weight)
+        # This device's averages; in a data-parallel step, averaged across.
+        factors = mean_over_shards(factors_from(layout, data, stats, batch, weight))
         return value, data.grads, _KFACAux(factors, layout)
 
     def direction(
@@ -268,8 +277,10 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         damping = stats.damping
 
         def refresh(f: Factors):
-            sites = zip(f.left, f.right)
-            return tuple(self._refresh_site(a, b, damping) for a, b in sites), damping
+            # Shared out over the devices in a data-parallel step (one site each).
+            sites = [(a, b, damping) for a, b in zip(f.left, f.right)]
+            costs = [float(a.size * a.shape[-1] + b.size * b.shape[-1]) for a, b, _ in sites]
+            return tuple(spread_calls(self._refresh_site, sites, costs)), damping
 
         if self.inverse_every == 1:
             preconditioner, refreshed = refresh(corrected)
@@ -343,7 +354,9 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         def inner(a, b):
             return jnp.sum(a.astype(dtype) * b.astype(dtype))
 
-        m11, m12, m22 = inner(jv[0], hv[0]), inner(jv[0], hv[1]), inner(jv[1], hv[1])
+        m11, m12, m22 = sum_over_shards(  # over the devices' examples, if split
+            (inner(jv[0], hv[0]), inner(jv[0], hv[1]), inner(jv[1], hv[1]))
+        )
         d11, d12 = _dot(delta, delta, dtype), _dot(delta, previous, dtype)
         d22 = _dot(previous, previous, dtype)
         b1, b2 = _dot(grads, delta, dtype), _dot(grads, previous, dtype)

@@ -31,6 +31,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._losses import AbstractLoss
 from .._misc import check_positive_int
+from .._sharding.context import global_batch, local_slice
 from .base import (
     AbstractCurvatureOperator,
     check_inexact_params,
@@ -102,7 +103,9 @@ def apply_batched(
         return jax.vmap(
             lambda x, s: call(x, None, s), in_axes=(0, None), axis_name=axis_name
         )(inputs, state)
-    keys = jax.random.split(key, batch_size(inputs))
+    # In a data-parallel step: the whole batch's keys, this device's share of them.
+    size = batch_size(inputs)
+    keys = local_slice(jax.random.split(key, global_batch(size)), size)
     return jax.vmap(call, in_axes=(0, 0, None), axis_name=axis_name)(
         inputs, keys, state
     )
@@ -139,7 +142,8 @@ def _outer_products_map(residuals: Array, scale: int = 1) -> Callable[[Array], A
 
 def _per_example_gradients(loss: AbstractLoss, outputs: Array, targets) -> Array:
     r"""$r_i = \nabla_{o_i} \ell(o_i, y_i)$: N times the gradient of the mean loss."""
-    return jax.grad(loss)(outputs, targets) * outputs.shape[0]
+    # The whole batch's N in a data-parallel step (the loss is its mean there).
+    return jax.grad(loss)(outputs, targets) * global_batch(outputs.shape[0])
 
 
 class _BatchedModel(eqx.Module):
