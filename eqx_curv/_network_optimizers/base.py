@@ -32,6 +32,7 @@ from typing import Any, Generic, TYPE_CHECKING, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
@@ -175,6 +176,25 @@ def _takes_key(model: Callable) -> bool:
     )
 
 
+def widened(tree: PyTree) -> PyTree:
+    """16-bit floating-point arrays as float32; everything else as it is.
+
+    The mixed-precision policy: a bfloat16 (or float16) model runs its forward and
+    backward passes in its own dtype, while the optimizer's statistics, factors and
+    roots, and its arithmetic on them, are float32; only the update is cast back.
+    Linear operators are left as they are (they act in the model's dtype).
+    """
+
+    def widen(x):
+        if eqx.is_inexact_array(x) and jnp.dtype(x.dtype).itemsize < 4:
+            return x.astype(jnp.float32)
+        return x
+
+    return jax.tree.map(
+        widen, tree, is_leaf=lambda x: isinstance(x, lx.AbstractLinearOperator)
+    )
+
+
 def promoted_dtype(tree: PyTree[Array]) -> Any:
     return functools.reduce(
         jnp.promote_types, [jnp.result_type(x) for x in jax.tree.leaves(tree)]
@@ -289,7 +309,8 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
         optimizer's statistics, in the dtypes of the parameters).
         """
         params = _params_of(model)
-        return NetworkOptimizerState(jnp.zeros((), jnp.int32), self.init_stats(params))
+        stats = self.init_stats(widened(params))
+        return NetworkOptimizerState(jnp.zeros((), jnp.int32), stats)
 
     def schedule(self, count: Int[Array, ""]) -> Array:
         """The learning rate at step `count` (a float, or the schedule's value)."""
@@ -367,9 +388,12 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
         count = state.count
         learning_rate = self.schedule(count)
         loss_value, grads, aux = self.evaluate(objective, params, own_key)
+        # Float32 arithmetic for 16-bit models (`widened`); the update in their dtype.
         updates, stats, info = self.direction(
-            grads, aux, params, state.stats, count, learning_rate
-        )
+            widened(grads), widened(aux), widened(params), state.stats, count,
+            learning_rate,
+        )  # fmt: skip
+        updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
         proposal = self.adapt(
             objective, params, Proposal(loss_value, grads, updates, stats, info)
         )
@@ -405,7 +429,7 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
                 f"not {type(state).__name__}."
             )
         # Shapes and dtypes only (inside `shard_map` `eval_shape` also gives a vma).
-        expected = structure_of(jax.eval_shape(self.init_stats, params))
+        expected = structure_of(jax.eval_shape(self.init_stats, widened(params)))
         got = structure_of(state.stats)
         if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
             raise ValueError(

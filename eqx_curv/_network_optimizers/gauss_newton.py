@@ -287,14 +287,19 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
         self, curvature: _Curvature, grads: PyTree[Array], stats: _GaussNewtonStats
     ) -> tuple[PyTree[Array], dict[str, Array]]:
         """$d = -(C + \\lambda I)^{-1} g$, and what the solver reports."""
-        rhs = jax.tree.map(jnp.negative, grads)
+        # The operator acts in the model's dtype (a 16-bit model's too); the
+        # gradient and the solution are float32 there (`base.widened`).
+        structure = curvature.operator.in_structure()
+        rhs = _like(jax.tree.map(jnp.negative, grads), structure)
         damping = stats.damping
         if isinstance(self.solver, str):  # "woodbury"
             assert curvature.factor is not None
             inverse = WoodburyOperator(damping, curvature.factor).inverse()
-            return inverse.mv(rhs), {}
+            return _like(inverse.mv(rhs), grads), {}
         operator = DampedOperator(curvature.operator, damping)
-        options = {} if stats.solution is None else {"y0": stats.solution}
+        options = {}
+        if stats.solution is not None:
+            options = {"y0": _like(stats.solution, structure)}
         solution = lx.linear_solve(
             operator, rhs, self.solver, options=options, throw=False
         )
@@ -305,7 +310,7 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
         ):
             if name in solution.stats:
                 info[reported] = jnp.asarray(solution.stats[name])
-        return solution.value, info
+        return _like(solution.value, grads), info
 
     def direction(
         self,
@@ -330,7 +335,7 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
                 # no product needed (and alpha* = 1).
                 damped_d = -_dot(grads, d, dtype)
             else:
-                damped_d = _dot(d, aux.operator.mv(d), dtype)
+                damped_d = _dot(d, _mv(aux.operator, d), dtype)
                 damped_d = damped_d + damping * _dot(d, d, dtype)
         if self.adaptive_learning_rate:
             # The minimiser of the damped model along d (Martens and Grosse 2015,
@@ -356,7 +361,7 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
             if stats.velocity is None:
                 curvature = scale * scale * damped_d / jnp.where(lr > 0, lr, 1)
             else:
-                damped_u = _dot(updates, aux.operator.mv(updates), dtype)
+                damped_u = _dot(updates, _mv(aux.operator, updates), dtype)
                 damped_u = damped_u + damping * _dot(updates, updates, dtype)
                 # With momentum and eta = 0 the model is a wall: no decrease
                 # predicted, and the rule keeps the damping.
@@ -402,6 +407,16 @@ class AbstractGaussNewton(AbstractNetworkOptimizer[_GaussNewtonStats, _Curvature
             "curvature of the model on the batch, which needs the model, not only the "
             "gradient. Use `step`."
         )
+
+
+def _like(tree: PyTree[Array], like: PyTree) -> PyTree[Array]:
+    """`tree` in the dtypes of `like`'s leaves (arrays or `jax.ShapeDtypeStruct`s)."""
+    return jax.tree.map(lambda x, s: x.astype(s.dtype), tree, like)
+
+
+def _mv(operator: lx.AbstractLinearOperator, v: PyTree[Array]) -> PyTree[Array]:
+    """`operator.mv(v)` in the operator's dtype, returned in `v`'s."""
+    return _like(operator.mv(_like(v, operator.in_structure())), v)
 
 
 def _solver(solver: Solver) -> _StoredSolver:

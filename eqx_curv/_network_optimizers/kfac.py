@@ -342,7 +342,9 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         assert isinstance(loss, AbstractLoss)
         dtype = stats.damping.dtype
         damping = stats.damping
-        grads, delta, previous = proposal.grads, proposal.updates, stats.previous
+        grads, delta = proposal.grads, proposal.updates
+        # The last update is kept in float32 (a 16-bit model's steps in its dtype).
+        previous = jax.tree.map(lambda p, d: p.astype(d.dtype), stats.previous, delta)
         # The exact quadratic model on the batch (Martens and Grosse 2015, section
         # 7): J delta and J delta_0 by forward mode, one pass for both directions.
         tangents = jax.tree.map(lambda a, b: jnp.stack([a, b]), delta, previous)
@@ -415,7 +417,7 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             stats.preconditioner,
             stats.refreshed_damping,
             new_damping,
-            updates,
+            jax.tree.map(lambda u, p: u.astype(p.dtype), updates, stats.previous),
         )
         return Proposal(proposal.loss, grads, updates, new_stats, info)
 
