@@ -85,6 +85,12 @@ from ._optimizers.newton import (
     SaddleFreeNewton as SaddleFreeNewton,
 )
 from ._optimizers.quasi_newton import BFGS as BFGS, LBFGS as LBFGS
+from ._sharding.data_parallel import (
+    data_parallel as data_parallel,
+    DataParallel as DataParallel,
+    replicate as replicate,
+    shard_batch as shard_batch,
+)
 
 
 __version__ = "0.1.0"

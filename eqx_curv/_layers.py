@@ -48,8 +48,8 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._misc import HIGHEST
-from ._sharding.context import per_shard
 from ._operators.ggn import apply_batched
+from ._sharding.context import per_shard
 
 
 Approximation = Literal["expand", "reduce"]

@@ -11,12 +11,6 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 from .._layers import analyse, Approximation, Layout, linearise, usable_layout
 from .._losses import AbstractLoss
 from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
-from .._sharding.context import (
-    mean_over_shards,
-    num_shards,
-    spread_calls,
-    sum_over_shards,
-)
 from .._operators.kfac import (
     blockwise,
     check_fisher_type,
@@ -34,6 +28,12 @@ from .._operators.kfac import (
     FisherType,
     output_cotangents,
     spectral_values,
+)
+from .._sharding.context import (
+    mean_over_shards,
+    num_shards,
+    spread_calls,
+    sum_over_shards,
 )
 from .base import (
     AbstractNetworkOptimizer,
@@ -279,7 +279,9 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         def refresh(f: Factors):
             # Shared out over the devices in a data-parallel step (one site each).
             sites = [(a, b, damping) for a, b in zip(f.left, f.right)]
-            costs = [float(a.size * a.shape[-1] + b.size * b.shape[-1]) for a, b, _ in sites]
+            costs = [
+                float(a.size * a.shape[-1] + b.size * b.shape[-1]) for a, b, _ in sites
+            ]
             return tuple(spread_calls(self._refresh_site, sites, costs)), damping
 
         if self.inverse_every == 1:

@@ -203,9 +203,7 @@ class DataParallel(eqx.Module):
             # rest follows; only the spreading of the roots is written out.
             mesh = self.mesh if self.spread else None
             with spread_over_mesh(mesh, self.axis):
-                return self.optimizer.step(
-                    model, state, loss, inputs, targets, key=key
-                )
+                return self.optimizer.step(model, state, loss, inputs, targets, key=key)
         replicated = (model, state, loss, key)
         dynamic, static = eqx.partition(replicated, eqx.is_array)
         batch_dynamic, batch_static = eqx.partition((inputs, targets), eqx.is_array)
