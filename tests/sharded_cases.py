@@ -41,8 +41,13 @@ OPTIMIZERS = {
     "kfac_exact": lambda: eqx_curv.KFAC(
         fisher_type="empirical", damping_method="exact", inverse_every=1
     ),
-    # Blocks of 4: a stack of several roots per size, spread over the devices.
-    "shampoo": lambda: eqx_curv.Shampoo(block_size=4, root_every=1),
+    # Blocks of 4: a stack of several roots per size, spread over the devices. With
+    # the default ridge (1e-6 of the largest eigenvalue) a root of a single
+    # gradient's statistic has condition ~1e6 and amplifies the rounding of the
+    # batch sums (summed in another order when split) to ~5e-3 in the stored roots
+    # (the parameters agree to 1e-5); a ridge of 1e-3 keeps the comparison about
+    # the sharding.
+    "shampoo": lambda: eqx_curv.Shampoo(block_size=4, root_every=1, epsilon=1e-3),
     # SOAP's first step is Adam's sign-like step in the statistics' eigenbasis: with
     # epsilon 1e-8 rounding-level coordinates there become +-1. A larger epsilon
     # keeps the comparison about the sharding, not that amplification.
