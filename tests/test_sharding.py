@@ -135,3 +135,33 @@ _BFLOAT16_FAST = ("fisher_adam", "gauss_newton", "kfac", "shampoo")
 )
 def test_bfloat16_model_trains_with_float32_statistics(name):
     _bfloat16_case(name)
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_equal_one_device():
+    # `jax.distributed` with the CPU backend: 2 processes x 2 devices, one mesh.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    script = Path(__file__).with_name("multiprocess_case.py")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(script.parent.parent), env.get("PYTHONPATH", "")]
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for out, err in outputs:
+        lines = [x for x in out.splitlines() if "difference" in x]
+        assert lines, err[-3000:]
+        assert float(lines[-1].split()[-1]) <= 1e-4, lines
