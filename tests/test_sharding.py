@@ -1,9 +1,10 @@
 """Data parallelism on 4 forced CPU devices, in a process of their own.
 
 The cases live in `sharded_cases.py`; each test reads its line of that script's
-output. The default suite runs K-FAC and Shampoo both ways (`shard_map` and `jit` with
-a sharded batch), the roots spread over the devices and the error sentences; the other
-optimizers and the compiler-partitioned `data_parallel` run under `-m slow`.
+output. The default suite runs K-FAC both ways (`shard_map` and `jit` with a sharded
+batch), the roots spread over the devices and the error sentences; Shampoo, SOAP, Muon,
+FisherAdam, the compiler-partitioned `data_parallel` and two processes on localhost
+run under `-m slow`.
 """
 
 import json
@@ -16,12 +17,12 @@ import pytest
 
 
 _SCRIPT = Path(__file__).with_name("sharded_cases.py")
-_FAST = ["roots", "errors", "kfac:shard_map", "kfac:jit", "shampoo:shard_map"]
+_FAST = ["roots", "errors", "kfac:shard_map", "kfac:jit"]
 _SLOW = [
     f"{name}:{way}"
     for name in ("kfac_exact", "soap", "muon", "fisher_adam_true")
     for way in ("shard_map", "jit")
-] + ["shampoo:jit", "kfac:compiler", "shampoo:compiler"]
+] + ["shampoo:shard_map", "shampoo:jit", "kfac:compiler", "shampoo:compiler"]
 # Float32 through a few steps, with sums over the batch in another order.
 _TOLERANCE = 1e-4
 
@@ -123,7 +124,7 @@ def _names():
 
 # The optimizers whose mixed precision needed more than `base.widened` run by
 # default; every other one of the registry under -m slow.
-_BFLOAT16_FAST = ("fisher_adam", "gauss_newton", "kfac", "shampoo")
+_BFLOAT16_FAST = ("fisher_adam", "gauss_newton")
 
 
 @pytest.mark.parametrize(
