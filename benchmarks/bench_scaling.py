@@ -50,20 +50,22 @@ def step_time(opt, devices: int, steps: int, width: int, batch: int) -> float:
     loss = eqx_curv.SoftmaxCrossEntropy()
     parallel = eqx_curv.data_parallel(opt, mesh)
 
-    @eqx.filter_jit
-    def run(model, state, key):
-        def body(carry, k):
-            model, state = carry
-            model, state, _ = parallel.step(model, state, loss, inputs, targets, key=k)
-            return (model, state), None
+    params, static = eqx.partition(model, eqx.is_array)
 
-        (model, state), _ = jax.lax.scan(
-            body, (model, state), jax.random.split(key, steps)
-        )
-        return model, state
+    @eqx.filter_jit
+    def run(params, state, key):
+        def body(carry, k):
+            params, state = carry
+            model = eqx.combine(params, static)
+            model, state, _ = parallel.step(model, state, loss, inputs, targets, key=k)
+            return (eqx.filter(model, eqx.is_array), state), None
+
+        keys = jax.random.split(key, steps)
+        (params, state), _ = jax.lax.scan(body, (params, state), keys)
+        return params, state
 
     state = parallel.init(model)
-    return _time(lambda: run(model, state, jax.random.key(3)), 5) / steps
+    return _time(lambda: run(params, state, jax.random.key(3)), 5) / steps
 
 
 def refresh_time(devices: int, blocks: int, size: int) -> float:
