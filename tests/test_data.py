@@ -171,6 +171,23 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     _check(data.load_image_folder(nested, cache_dir=cache), "tree")
 
 
+def test_cache_inside_the_tree(tmp_path, monkeypatch):
+    # The cache's own files do not change the key of the tree they sit in.
+    tree = _write_tree(tmp_path / "tree")
+    batches = _write_batches(tmp_path / "cifar-10-batches-py")
+    data.load_image_folder(tree, cache_dir=tree / "cache")
+    data.load_cifar10(batches, cache_dir=batches / "cache")
+    monkeypatch.setattr(data, "_decode_image", None)
+    monkeypatch.setattr(data, "_decode_batches", None)
+    _check(data.load_image_folder(tree, cache_dir=tree / "cache"), "tree")
+    _check(data.load_cifar10(batches, cache_dir=batches / "cache"), "cifar10")
+    # Written with the permissions of any new file (not private to the owner).
+    umask = os.umask(0)
+    os.umask(umask)
+    (cached,) = (tree / "cache").glob("*.npz")
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("EQX_CURV_CACHE", str(tmp_path / "here"))
     assert data.default_cache_dir() == tmp_path / "here"

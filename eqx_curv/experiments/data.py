@@ -6,6 +6,7 @@ Decoded arrays are cached as one `.npz` per source, so a second run starts at on
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import math
@@ -13,12 +14,12 @@ import os
 import pathlib
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
+import uuid
 import zlib
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -229,19 +230,31 @@ def _where_to_put(cache: pathlib.Path, url: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _written_atomically(target: pathlib.Path) -> Iterator[BinaryIO]:
+    """A new file at `target`, renamed into place only once the block has written it.
+
+    An interrupted or failed write leaves no file behind, so that a later run never
+    reads half a download or half a cache file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex}.part")
+    try:
+        with open(partial, "xb") as file:
+            yield file
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _download(
     url: str, target: pathlib.Path, sha256: str | None, cache: pathlib.Path
 ) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    try:
+    with _written_atomically(target) as out:
         try:
-            with (
-                os.fdopen(fd, "wb") as out,
-                urllib.request.urlopen(url, timeout=60) as r,
-            ):
-                while chunk := r.read(1 << 20):
+            with urllib.request.urlopen(url, timeout=60) as response:
+                while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
         except (urllib.error.URLError, OSError) as error:
@@ -255,10 +268,6 @@ def _download(
                 "expected, so it was not kept: the download was corrupted or the URL "
                 "serves another file. Try again, or pass `sha256=None` to accept it."
             )
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def _fingerprint(path: pathlib.Path) -> str:
@@ -267,7 +276,10 @@ def _fingerprint(path: pathlib.Path) -> str:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        # Only the data set's own files: a cache folder inside `path` must not count.
+        batches = [path / n for n in (*_TRAIN_BATCHES, "test_batch", "batches.meta")]
+        images = [p for s in _SPLITS for p in (path / s).rglob("*") if p.is_file()]
+        files = sorted(p for p in batches + images if p.is_file())
     for file in files:
         stat = file.stat()
         digest.update(
@@ -306,20 +318,13 @@ def _load(
             arrays = _decode_tree(_list_folder(path), path.name, str(path))
     else:
         arrays = _decode_archive(path, sha256, url)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=cache, suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.savez(
-                out,
-                **{k: getattr(arrays, k) for k in ImageDataset._fields[:4]},
-                classes=np.array(arrays.classes, dtype=str),
-                name=np.array(arrays.name, dtype=str),
-            )
-        os.replace(partial, cached)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with _written_atomically(cached) as out:
+        np.savez(
+            out,
+            **{k: getattr(arrays, k) for k in ImageDataset._fields[:4]},
+            classes=np.array(arrays.classes, dtype=str),
+            name=np.array(arrays.name, dtype=str),
+        )
     return arrays
 
 
