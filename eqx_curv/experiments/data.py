@@ -39,12 +39,22 @@ _CACHE_VERSION = "1"
 
 
 class ImageDataset(NamedTuple):
-    """A labelled image classification data set, split into train and test."""
+    """A labelled image classification data set, split into train and test.
 
-    train_images: np.ndarray  # uint8 [N, H, W, C]
-    train_labels: np.ndarray  # int32 [N]
-    test_images: np.ndarray  # uint8 [M, H, W, C]
-    test_labels: np.ndarray  # int32 [M]
+    **Fields:**
+
+    - `train_images`: uint8 `[N, H, W, C]` (`C` is 1 for grey images, 3 for RGB).
+    - `train_labels`: int32 `[N]`, indices into `classes`.
+    - `test_images`: uint8 `[M, H, W, C]`.
+    - `test_labels`: int32 `[M]`.
+    - `classes`: the class names, in label order.
+    - `name`: `"digits"`, `"cifar10"`, or the image-folder tree's name.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
     classes: tuple[str, ...]
     name: str
 
