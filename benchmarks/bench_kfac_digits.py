@@ -79,7 +79,9 @@ def run_digits(seeds: int, max_steps: int, batch: int = 128) -> None:
         f"is checked every {CHUNK} steps and its evaluation is not timed); "
         f"cap {max_steps} steps"
     )
-    print("| optimizer | steps to 0.01 (per seed) | seconds (per seed) | last loss checked |")
+    print(
+        "| optimizer | steps to 0.01 (per seed) | seconds (per seed) | last loss checked |"
+    )
     print("| --- | --- | --- | --- |")
     results = {}
     for name, opt in _optimizers().items():
