@@ -18,6 +18,10 @@ affects every row alike, and the median is reported. Columns:
         data labels and at sampled labels (true-Fisher Adam);
     - `grad+HVP`: one forward-over-reverse pass returning the loss, the gradient and
         one Hessian-vector product (AdaHessian, the diagonal Newton with one probe);
+    - `grad+jvp2+s/4`: K-FAC's passes: the gradient, a forward-mode pass with two
+        tangents (the quadratic model's J delta and J delta_0) and the loss Hessian
+        between, and a forward and backward pass at sampled labels on a quarter of
+        the batch (the factors' statistics);
     - `GN k`: one linearisation of the batched model, the gradient through its
         transpose, and k linearised GGN products `J^T H J v + lambda v` (Gauss-Newton
         with k CG steps).
@@ -100,7 +104,12 @@ def _rows(
         ),
         ("GaussNewton() (defaults)", eqx_curv.GaussNewton(), None, "small"),
         *[
-            (f"KFAC, inverses every {k}", eqx_curv.KFAC(inverse_every=k), None, "full")
+            (
+                f"KFAC, inverses every {k}",
+                eqx_curv.KFAC(inverse_every=k),
+                "grad+jvp2+s/4",
+                "full",
+            )
             for k in (1, 10, 100)
         ],
         *[
@@ -152,6 +161,20 @@ def make_floors(static, loss, cg_steps: int, damping: float):
         (s,) = pullback(jax.grad(loss)(outputs, sampled))
         return value, g, s
 
+    def kfac_passes(params, x, y, z, key):
+        value, g = grad(params, x, y, z, key)
+        tangents = jax.tree.map(lambda a, b: jnp.stack([a, b]), g, z)
+        outputs, jv = jax.vmap(
+            lambda t: jax.jvp(lambda p: batched(p, x), (params,), (t,)),
+            out_axes=(None, 0),
+        )(tangents)
+        hv = jax.vmap(lambda t: loss.hvp(outputs, t))(jv)
+        quarter = max(1, x.shape[0] // 4)
+        out_q, pullback = jax.vjp(lambda p: batched(p, x[:quarter]), params)
+        sampled = loss.sample(key, out_q)
+        (s,) = pullback(jax.grad(loss)(out_q, sampled))
+        return value, g, jnp.vdot(jv, hv), s
+
     def grad_hvp(params, x, y, z, key):
         f = jax.value_and_grad(lambda p: loss(batched(p, x), y))
         (value, g), (_, hz) = jax.jvp(f, (params,), (z,))
@@ -186,6 +209,7 @@ def make_floors(static, loss, cg_steps: int, damping: float):
         f"GN {cg_steps}+fwd": gauss_newton_forward,
         "grad+sampled": grad_sampled,
         "grad+HVP": grad_hvp,
+        "grad+jvp2+s/4": kfac_passes,
         f"GN {cg_steps}": gauss_newton,
     }
 

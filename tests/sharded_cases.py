@@ -36,10 +36,15 @@ LOSS = eqx_curv.SoftmaxCrossEntropy()
 STEPS = 3
 
 OPTIMIZERS = {
-    # Factored inverses refreshed on steps 0 and 2, sampled (MC) factors.
-    "kfac": lambda: eqx_curv.KFAC(inverse_every=2),
+    # Factored inverses refreshed on steps 0 and 2, sampled (MC) factors. The
+    # factors from the whole batch: a sub-batch is each device's first examples,
+    # another (equally random) sample than one device's first examples.
+    "kfac": lambda: eqx_curv.KFAC(inverse_every=2, statistics_batch=1.0),
     "kfac_exact": lambda: eqx_curv.KFAC(
-        fisher_type="empirical", damping_method="exact", inverse_every=1
+        fisher_type="empirical",
+        damping_method="exact",
+        inverse_every=1,
+        statistics_batch=1.0,
     ),
     # Blocks of 4: a stack of several roots per size, spread over the devices. With
     # the default ridge (1e-6 of the largest eigenvalue) a root of a single

@@ -632,18 +632,29 @@ def test_kfac_trains_to_1e_4_without_blowing_up():
         assert float(infos.stats["damping"].min()) >= 1e-4 * (1 - 1e-6)
 
 
-def test_first_step_is_the_damped_kfac_direction_scaled_by_the_exact_model():
+@pytest.mark.parametrize("statistics_batch", [1.0, 3])
+def test_first_step_is_the_damped_kfac_direction_scaled_by_the_exact_model(
+    statistics_batch,
+):
+    # The factors from the first `statistics_batch` examples (all 5, or 3); the
+    # gradient and the quadratic model on the whole batch.
     from models import make_problem
 
     import eqx_curv
 
     model, loss, x, y = make_problem("layernorm", "softmax", jax.random.key(5))
-    opt = eqx_curv.KFAC(fisher_type="type2", max_kl=None, damping_method="exact")
+    opt = eqx_curv.KFAC(
+        fisher_type="type2",
+        max_kl=None,
+        damping_method="exact",
+        statistics_batch=statistics_batch,
+    )
     state = opt.init(model)
     new, state, info = eqx.filter_jit(opt.step)(model, state, loss, x, y)
     params = eqx.filter(model, eqx.is_inexact_array)
     grads = eqx.filter_grad(lambda m: loss(jax.vmap(m)(x), y))(model)
-    kfac = eqx_curv.KFACOperator(model, loss, x, fisher_type="type2")
+    sub = x[:3] if statistics_batch == 3 else x
+    kfac = eqx_curv.KFACOperator(model, loss, sub, fisher_type="type2")
     direction = -_ravel(kfac.damped_inverse(1e-2).mv(grads))
     ggn = eqx_curv.GGNOperator(model, loss, x).as_matrix()
     g = _ravel(grads)
@@ -670,6 +681,36 @@ def test_eigendecompositions_refresh_only_every_k_steps():
         model, state, _ = step(model, state, loss, x, y)
         seen.append(state.stats.preconditioner[0].left)
     assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
+
+
+def test_statistics_every_k_steps_and_on_a_sub_batch():
+    # Factors every second step (the steps between keep them bitwise), from the
+    # first 2 examples: the first step's averaged factors are exactly that
+    # sub-batch's factors (the bias correction undoes the zero start).
+    from models import make_problem
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(6))
+    opt = eqx_curv.KFAC(fisher_type="type2", statistics_every=2, statistics_batch=2)
+    state = opt.init(model)
+    step = eqx.filter_jit(opt.step)
+    expected = eqx_curv.KFACOperator(model, loss, x[:2], fisher_type="type2").factors
+    seen = []
+    for _ in range(3):
+        model, state, _ = step(model, state, loss, x, y)
+        seen.append(state.stats.factors)
+    decay = opt.factor_decay
+    for got, want in zip(jax.tree.leaves(seen[0]), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got / (1 - decay), want, rtol=1e-10, atol=1e-14)
+    same = [np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, seen[:2]))]
+    assert all(same)
+    assert not np.array_equal(seen[1].left[0], seen[2].left[0])
+    for bad in (0.0, 1.5, 0, -1):
+        with pytest.raises(ValueError, match="statistics_batch"):
+            eqx_curv.KFAC(statistics_batch=bad)
+    with pytest.raises(ValueError, match="statistics_every"):
+        eqx_curv.KFAC(statistics_every=0)
 
 
 @pytest.mark.slow  # seconds of compilation and training: run with `-m slow`

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 from equinox import AbstractVar
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-from .._layers import analyse, Approximation, Layout, linearise, usable_layout
+from .._layers import analyse, Approximation, Layout, usable_layout
 from .._losses import AbstractLoss
 from .._misc import check_hyperparameter, check_positive_int, RealScalarLike, shown
+from .._operators.ggn import batch_size
 from .._operators.kfac import (
     blockwise,
     check_fisher_type,
@@ -19,14 +20,13 @@ from .._operators.kfac import (
     Eigen,
     eigen,
     eigen_mv,
+    estimate_factors,
     factor_dtype,
     factored_inverse,
     factored_inverse_mv,
     FactoredInverse,
     Factors,
-    factors_from,
     FisherType,
-    output_cotangents,
     spectral_values,
 )
 from .._sharding.context import (
@@ -60,8 +60,31 @@ class _KFACStats(eqx.Module):
 
 
 class _KFACAux(eqx.Module):
-    factors: Factors  # this batch's factors
+    # The part of the batch the factors are estimated from, and the key of the
+    # sampled targets: the factors themselves are computed in `direction`, which
+    # knows the step count (`statistics_every`).
+    sub: Objective
+    key: PRNGKeyArray | None
     layout: Layout = eqx.field(static=True)
+
+
+def _sub_batch_size(statistics_batch: int | float, batch: int) -> int:
+    if isinstance(statistics_batch, float):
+        return max(1, min(batch, round(statistics_batch * batch)))
+    return min(batch, statistics_batch)
+
+
+def _sub_objective(objective: Objective, size: int) -> Objective:
+    """The same objective on the first `size` examples of the batch (a minibatch
+    is already a random sample, so its first examples are one too)."""
+    first = lambda x: x[:size]  # noqa: E731
+    return Objective(
+        objective.static,
+        objective.loss,
+        jax.tree.map(first, objective.inputs),
+        jax.tree.map(first, objective.targets),
+        objective.model_key,
+    )
 
 
 def _dot(a: PyTree[Array], b: PyTree[Array], dtype) -> Array:
@@ -107,6 +130,8 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
     damping_every: AbstractVar[int]
     damping_method: AbstractVar[DampingMethod]
     max_kl: AbstractVar[RealScalarLike | None]
+    statistics_batch: AbstractVar[int | float]
+    statistics_every: AbstractVar[int]
 
     def __check_init__(self):
         check_fisher_type(self.fisher_type)
@@ -122,6 +147,19 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             )
         check_positive_int(self.inverse_every, "inverse_every", "steps")
         check_positive_int(self.damping_every, "damping_every", "steps")
+        check_positive_int(self.statistics_every, "statistics_every", "steps")
+        size = self.statistics_batch
+        if isinstance(size, float):
+            if not 0 < size <= 1:
+                raise ValueError(
+                    "`statistics_batch` as a float is the fraction of each batch that "
+                    "the factors and the quadratic model are estimated on, in (0, 1], "
+                    f"but is {size!r}. Use e.g. 0.25, or an int number of examples."
+                )
+        else:
+            check_positive_int(
+                size, "statistics_batch", "examples, or a float fraction of the batch"
+            )
         decay = self.factor_decay
         check_hyperparameter(
             (decay >= 0) & (decay < 1),
@@ -157,6 +195,14 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         # `params` keeps the model's modules (arrays filtered to the floating-point
         # ones), so the layers are found by type from it.
         return analyse(params, self.approximation)
+
+    def _statistics_size(self, objective: Objective) -> int:
+        wanted = self.statistics_batch
+        if isinstance(wanted, int):
+            # A number of examples of the whole batch: each device takes its share
+            # in a data-parallel step.
+            wanted = -(-wanted // num_shards())
+        return _sub_batch_size(wanted, batch_size(objective.inputs))
 
     def _refresh_site(
         self, left: Array, right: Array, damping: Array
@@ -210,8 +256,6 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
     def evaluate(
         self, objective: Objective, params: PyTree[Array], key: PRNGKeyArray | None
     ) -> tuple[Scalar, PyTree[Array], _KFACAux]:
-        loss = objective.loss
-        assert isinstance(loss, AbstractLoss)  # `step` checked it (`check_loss`)
         dtype = factor_dtype(params)
         layout = self._layout(params)
         args = (params, objective.static, objective.inputs, objective.model_key, dtype)
@@ -226,29 +270,12 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
                 "`jax.vmap(layer)(x)` over tokens), or freeze it; "
                 "`eqx_curv.KFACOperator` puts such layers on diagonal blocks."
             )
-        outputs, pullback = linearise(layout, *args)
-        value, output_grad = jax.value_and_grad(loss)(outputs, objective.targets)
-        # One forward pass; one backward pass at the data targets (the gradient and
-        # the inputs' statistics) and, for "mc" and "type2", one at the sampled
-        # targets or per column of the Hessian's root (the output gradients').
-        data = pullback(output_grad)
-        batch = outputs.shape[0]
-        if self.fisher_type == "empirical":
-            # The data pass's output gradients are those of the MEAN loss (1/N of
-            # each example's): its squares are N^2 too small.
-            stats = jax.tree.map(lambda x: x[None], data)
-            # In a data-parallel step they are those of the whole batch's mean,
-            # `num_shards()` times smaller again.
-            weight = float(batch) * num_shards() ** 2
-        else:
-            cotangents, scale = output_cotangents(
-                loss, outputs, objective.targets, self.fisher_type, key, 1
-            )
-            stats = jax.vmap(pullback)(cotangents)
-            weight = (1.0 if self.fisher_type == "type2" else scale) / batch
-        # This device's averages; in a data-parallel step, averaged across.
-        factors = mean_over_shards(factors_from(layout, data, stats, batch, weight))
-        return value, data.grads, _KFACAux(factors, layout)
+        # The gradient on the whole batch, as any first-order method computes it;
+        # the factors (in `direction`) and the quadratic model's products (in
+        # `adapt`) on the first `statistics_batch` examples.
+        value, grads = jax.value_and_grad(objective.value)(params)
+        sub = _sub_objective(objective, self._statistics_size(objective))
+        return value, grads, _KFACAux(sub, key, layout)
 
     def direction(
         self,
@@ -259,19 +286,41 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         count: Int[Array, ""],
         learning_rate: Array,
     ) -> tuple[PyTree[Array], _KFACStats, dict[str, Array]]:
-        del params
         layout = aux.layout
         decay = self.factor_decay
-        # Exponential averages with Adam's bias correction (zero-initialised).
-        factors = jax.tree.map(
-            lambda old, new: (
-                cast_like(decay, new) * old + (1 - cast_like(decay, new)) * new
-            ),
-            stats.factors,
-            aux.factors,
-        )
+        loss = aux.sub.loss
+        assert isinstance(loss, AbstractLoss)  # `step` checked it (`check_loss`)
+
+        def average(old: Factors) -> Factors:
+            # This batch's factors: one forward pass through the taps on the
+            # sub-batch, and one backward pass from the sampled targets ("mc"), the
+            # data targets ("empirical") or per column of the loss Hessian's root
+            # ("type2"), plus one for the inputs' statistics there.
+            sub = aux.sub
+            new = estimate_factors(
+                layout, params, sub.static, sub.inputs, sub.targets, sub.model_key,
+                factor_dtype(params), loss, self.fisher_type, aux.key, 1,
+            )  # fmt: skip
+            # This device's averages; in a data-parallel step, averaged across.
+            new = mean_over_shards(new)
+            # Exponential averages with Adam's bias correction (zero-initialised).
+            return jax.tree.map(
+                lambda o, n: cast_like(decay, n) * o + (1 - cast_like(decay, n)) * n,
+                old,
+                new,
+            )
+
+        every = self.statistics_every
+        if every == 1:
+            factors = average(stats.factors)
+        else:
+            # Under `lax.cond`: the steps in between do not run the passes at all.
+            factors = jax.lax.cond(
+                count % every == 0, average, lambda old: old, stats.factors
+            )
         first = jax.tree.leaves(factors)[0]
-        correction = 1 - cast_like(decay, first) ** (count + 1).astype(first.dtype)
+        averaged = (count // every + 1).astype(first.dtype)  # updates so far
+        correction = 1 - cast_like(decay, first) ** averaged
         corrected = jax.tree.map(lambda f: f / correction, factors)
 
         damping = stats.damping
@@ -347,13 +396,18 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         grads, delta = proposal.grads, proposal.updates
         # The last update is kept in float32 (a 16-bit model's steps in its dtype).
         previous = jax.tree.map(lambda p, d: p.astype(d.dtype), stats.previous, delta)
-        # The exact quadratic model on the batch (Martens and Grosse 2015, section
-        # 7): J delta and J delta_0 by forward mode, one pass for both directions.
+        # The exact quadratic model on the whole batch (Martens and Grosse 2015,
+        # section 7): J delta and J delta_0 by forward mode, one pass for both
+        # directions. Not on the statistics' sub-batch: with its curvature there
+        # (and its gradient from the whole batch or from the sub-batch alike), the
+        # steps blew up on digits (a quarter of a 64-example batch, one seed in
+        # three or all three): the sub-batch sees too little of the curvature
+        # along the rest's directions.
         tangents = jax.tree.map(lambda a, b: jnp.stack([a, b]), delta, previous)
         outputs, jv = jax.vmap(
             lambda t: jax.jvp(objective.outputs, (params,), (t,)), out_axes=(None, 0)
         )(tangents)
-        hv = jax.vmap(lambda t: loss.hvp(outputs, t))(jv)
+        hv = jax.vmap(lambda t: loss.hvp(outputs, t, targets=objective.targets))(jv)
 
         def inner(a, b):
             return jnp.sum(a.astype(dtype) * b.astype(dtype))
@@ -430,12 +484,17 @@ class KFAC(AbstractKFAC):
     Martens and Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015. Each step, on the batch:
 
-    1. **Factors.** One forward pass and its backward passes give the gradient $g$
-        and, for every registered layer (found by Equinox type, see
-        [`eqx_curv.KFACOperator`][] and [`eqx_curv.register_kfac_layer`][]), this
-        batch's factors $A$, $B$; every other parameter gets a diagonal. They enter
-        exponential averages with decay `factor_decay` (Adam's bias correction),
-        accumulated in float32 at least (float64 for a float64 model).
+    1. **Factors.** The gradient $g$ of the whole batch, as a first-order method
+        computes it. On the first `statistics_batch` examples of the batch (a
+        quarter by default; Martens and Grosse, section 8, estimate the statistics
+        on a subset of the minibatch), one forward pass through the taps and one
+        backward pass from sampled targets give, for every registered layer (found
+        by Equinox type, see [`eqx_curv.KFACOperator`][] and
+        [`eqx_curv.register_kfac_layer`][]), this batch's factors $A$, $B$; every
+        other parameter gets a diagonal. They enter exponential averages with decay
+        `factor_decay` (Adam's bias correction), accumulated in float32 at least
+        (float64 for a float64 model), every `statistics_every` steps (under
+        `jax.lax.cond`: the steps in between do not run those passes).
     2. **Preconditioning.** $\Delta = -(\hat F + \lambda)^{-1} g$ blockwise.
         `damping_method="factored"` (default) is the $\pi$-adjusted Tikhonov damping
         $(A + \pi\sqrt\lambda)^{-1} \otimes (B + \sqrt\lambda/\pi)^{-1}$ (section
@@ -446,8 +505,8 @@ class KFAC(AbstractKFAC):
         steps and the current damping applied every step (an eigendecomposition
         costs far more than an inverse on a CPU). Diagonal blocks: $g / (d +
         \lambda)$.
-    3. **Learning rate and momentum** from the exact quadratic model on the batch
-        (section 7): with the previous update $\delta_0$ and the batch's GGN $G$
+    3. **Learning rate and momentum** from the exact quadratic model on the whole
+        batch (section 7): with the previous update $\delta_0$ and the batch's GGN $G$
         (one forward-mode pass for $J\Delta$ and $J\delta_0$, the loss's output
         Hessian between), $(\alpha, \mu)$ minimise
         $M(\delta) = g^\top\delta + \frac12 \delta^\top (G + \lambda)\delta$ over
@@ -495,6 +554,13 @@ class KFAC(AbstractKFAC):
     - `damping_every`: adapt $\lambda$ every this many steps. Default 5.
     - `damping_method`: `"factored"` (default) or `"exact"`.
     - `max_kl`: the KL bound, or `None` for none. Default 0.1.
+    - `statistics_batch`: the examples the factors are estimated from: a float in
+        (0, 1], the fraction of each batch (rounded, at least one example), or an
+        int, a number of examples (at most the batch); the first ones of the batch.
+        Default 0.25. The quadratic model always uses the whole batch: with the
+        curvature of a part of it, the steps blew up on digits.
+    - `statistics_every`: update the factors' averages every this many steps.
+        Default 1.
     """
 
     learning_rate: LearningRate
@@ -507,6 +573,8 @@ class KFAC(AbstractKFAC):
     damping_every: int = eqx.field(static=True)
     damping_method: DampingMethod = eqx.field(static=True)
     max_kl: RealScalarLike | None
+    statistics_batch: int | float = eqx.field(static=True)
+    statistics_every: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -521,6 +589,8 @@ class KFAC(AbstractKFAC):
         damping_every: int = 5,
         damping_method: DampingMethod = "factored",
         max_kl: RealScalarLike | None = 0.1,
+        statistics_batch: int | float = 0.25,
+        statistics_every: int = 1,
     ):
         self.learning_rate = learning_rate
         self.fisher_type = fisher_type
@@ -532,3 +602,5 @@ class KFAC(AbstractKFAC):
         self.damping_every = damping_every
         self.damping_method = damping_method
         self.max_kl = max_kl
+        self.statistics_batch = statistics_batch
+        self.statistics_every = statistics_every

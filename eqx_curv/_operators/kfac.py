@@ -146,8 +146,7 @@ def output_cotangents(
     return cotangents, float(loss.num_positions(outputs))
 
 
-@eqx.filter_jit  # compiled as one program: op by op, every primitive compiles alone
-def _estimate(
+def estimate_factors(
     layout: Layout,
     params: PyTree[Array],
     static: PyTree,
@@ -160,18 +159,29 @@ def _estimate(
     key: PRNGKeyArray | None,
     num_samples: int,
 ) -> Factors:
+    """One batch's factors: one forward pass through the taps and its backward passes
+    from the cotangents of `fisher_type` (one pass where there is one cotangent)."""
     outputs, pullback = linearise(layout, params, static, inputs, model_key, dtype)
     cotangents, scale = output_cotangents(
         loss, outputs, targets, fisher_type, key, num_samples
     )
     batch = outputs.shape[0]
-    input_stats = pullback(cotangents[0])
-    output_stats = jax.vmap(pullback)(cotangents)
+    if cotangents.shape[0] == 1:
+        # The input statistics do not depend on the cotangent: one pass gives both.
+        input_stats = pullback(cotangents[0])
+        output_stats = jax.tree.map(lambda x: x[None], input_stats)
+    else:
+        input_stats = pullback(cotangents[0])
+        output_stats = jax.vmap(pullback)(cotangents)
     if fisher_type == "type2":
         weight = 1.0 / batch  # the columns of one square root: a sum, not a mean
     else:
         weight = scale / (batch * cotangents.shape[0])
     return factors_from(layout, input_stats, output_stats, batch, weight)
+
+
+# Compiled as one program: op by op, every primitive compiles alone.
+_estimate = eqx.filter_jit(estimate_factors)
 
 
 # ---------------------------------------------------------------------------------------

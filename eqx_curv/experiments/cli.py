@@ -26,6 +26,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Build each curvature operator on an MLP trained on sklearn digits, solve a "
         "damped Newton system with eqx_curv.CG, and print a comparison table.",
     ),
+    "train": (
+        ".train",
+        "Train TinyViT with every network optimizer on the same batches: loss "
+        "curves, test accuracy, speed, a table and figures.",
+    ),
     "toy2d": (
         ".toy2d",
         "The 2-D quartic: each classical minimiser's 15 steps, as a PNG and a table.",

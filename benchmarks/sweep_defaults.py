@@ -1,0 +1,96 @@
+"""The learning-rate sweep behind `eqx-curv train`'s per-optimizer defaults.
+
+Each optimizer of `eqx-curv train` is trained with every learning rate of a small grid
+(its class default, the reference page's rate where it has one, and neighbours) on
+the train subcommand's own model, batches and protocol, and ranked by the final
+training loss (mean of the last 100 steps). The learning rate is an argument of the
+compiled chunk, so each optimizer compiles once. The chosen rates are
+`eqx_curv.experiments.train.DEFAULTS`.
+
+    python benchmarks/sweep_defaults.py                       # digits, small TinyViT
+    python benchmarks/sweep_defaults.py --dataset cifar10 --data-dir DIR --subset 5000
+
+Digits, TinyViT small (17,610 parameters), batch 128, 400 steps, seed 0, one
+2-core CPU shared with other jobs (see the report in the commit that set the
+defaults for the full table); the best rate of each optimizer is marked `*`.
+"""
+
+import argparse
+import sys
+
+import numpy as np
+
+
+# name -> learning rates tried (class default, the page's rate where it has one).
+GRIDS: dict[str, tuple[float, ...]] = {
+    "sgd": (0.01, 0.03, 0.1, 0.3),
+    "adam": (1e-3, 3e-3, 1e-2),
+    "adam-nomomentum": (3e-4, 1e-3, 3e-3),
+    "adam-nosqrt": (1e-3, 1e-2, 1e-1),
+    "adam-true-fisher": (1e-4, 3e-4, 1e-3),
+    "diag-newton": (0.01, 0.03, 0.1, 0.3),
+    "adahessian": (0.015, 0.05, 0.15),
+    "gauss-newton": (0.1, 0.3, 1.0),
+    "natural-gradient": (0.1, 0.3, 1.0),
+    "kfac": (0.25, 0.5, 1.0),
+    "shampoo": (1e-3, 3e-3, 1e-2),
+    "soap": (3e-3, 1e-2, 3e-2),
+    "muon": (5e-3, 2e-2, 5e-2),
+}
+
+
+def main(argv=None) -> None:
+    from eqx_curv.experiments import train
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    train.add_arguments(parser)
+    parser.add_argument(
+        "--subset", type=int, default=None, help="training images kept (CIFAR-10)"
+    )
+    parser.set_defaults(steps=400, no_progress=True, out="sweep-results")
+    args = parser.parse_args(argv)
+    names = train._check_arguments(args)
+    train._force_devices(args.devices)
+
+    from eqx_curv.experiments import study
+
+    problem = study.make_problem(args)
+    if args.subset is not None:
+        images, labels = problem.train
+        keep = np.random.default_rng(args.seed).permutation(len(labels))
+        keep = np.sort(keep[: args.subset])
+        problem = problem._replace(
+            train=(images[keep], labels[keep]),
+            settings={**problem.settings, "train_examples": len(keep)},
+        )
+    print(
+        f"{problem.settings['dataset']}, {problem.settings['train_examples']} "
+        f"training images, TinyViT {problem.settings['model']['size']} "
+        f"({problem.settings['model']['parameters']} parameters), batch "
+        f"{args.batch_size}, {args.steps} steps, seed {args.seed}"
+    )
+    print("| optimizer | learning rate | final loss | test accuracy | steps/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in names:
+        cache: dict = {}
+        rows = []
+        for rate in GRIDS[name]:
+            record = study.train_optimizer(
+                name, problem, args, learning_rate=rate, checkpoint=False, cache=cache
+            )
+            rows.append((rate, record))
+        losses = [r["final_loss"] for _, r in rows]
+        finite = [x if x is not None and np.isfinite(x) else np.inf for x in losses]
+        best = int(np.argmin(finite))
+        for i, (rate, r) in enumerate(rows):
+            loss = "diverged" if not np.isfinite(finite[i]) else f"{finite[i]:.4f}"
+            mark = " *" if i == best else ""
+            print(
+                f"| {name} | {rate:g}{mark} | {loss} | {r['test_accuracy']:.3f} | "
+                f"{r['steps_per_s']:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

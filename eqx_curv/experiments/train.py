@@ -1,0 +1,196 @@
+r"""`eqx-curv train`: every network optimizer on one vision transformer, side by side.
+
+The reference page's protocol: pixels divided by 255, dropout 0.3 on while training,
+batches drawn with replacement, training-loss curves smoothed over 100 steps. Every
+optimizer starts from the same initial model and sees the same batches, dropout masks
+and random draws (each step's key is `fold_in(key, step)`), so the rows differ by the
+optimizer alone.
+
+The whole step is jitted and the batch is drawn on the device: `lax.scan` runs `--chunk`
+steps per call, with no host synchronisation in between. Each chunk's program is
+compiled ahead of time, and timed apart (`compile_s`); `wall_s` and `steps_per_s`
+count the chunks alone (test-set evaluations and checkpoints are not counted either).
+The time at which an optimizer first reaches Adam's final smoothed loss is
+interpolated linearly within the chunk where that step falls (chunks are timed whole,
+after `block_until_ready`).
+
+With `--devices N` the batch is split over a 1-D mesh of N devices along the axis
+`"data"` (the parameters and the data set are replicated) and plain `jax.jit`
+partitions the step. Without an accelerator the N devices are forced CPU devices:
+the flag sets `XLA_FLAGS` before JAX starts, which is why this module imports JAX only
+inside `run`.
+
+Results: `results.json` (schema below), `results.md` (the table, also printed) and
+PNG figures in `--out`. After every chunk a checkpoint is written to
+`--out/checkpoints/<optimizer>/`; `--resume` continues from it and gives the result
+of an uninterrupted run.
+
+`results.json`:
+
+```
+{"schema": "eqx-curv-train/1", "dataset", "model": {...}, "steps", "batch_size",
+ "seed", "devices", "chunk", "eval_every", "smoothing": 100,
+ "adam_final_loss": float | null,
+ "optimizers": {name: {
+     "class", "settings": {...}, "batch_size", "steps",
+     "final_loss" (mean of the last 100 losses), "test_accuracy" (at the end),
+     "steps_per_s", "wall_s", "compile_s", "skipped_steps",
+     "step_to_adam_loss": int | null, "time_to_adam_loss": float | null,
+     "curves": {"loss": [...], "smoothed_loss": [...], "chunk_end_steps": [...],
+                "chunk_end_wall_s": [...], "eval_steps": [...],
+                "test_accuracy": [...]}}}}
+```
+
+Non-finite numbers are written as `null`.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+OPTIMIZER_NAMES = (
+    "sgd",
+    "adam",
+    "adam-nomomentum",
+    "adam-nosqrt",
+    "adam-true-fisher",
+    "diag-newton",
+    "adahessian",
+    "gauss-newton",
+    "natural-gradient",
+    "kfac",
+    "shampoo",
+    "soap",
+    "muon",
+)
+
+# name -> (eqx_curv class, keyword arguments). Learning rates are the best of the
+# grid in `benchmarks/sweep_defaults.py` on the digits model (its table is in that
+# script's docstring); everything else is the class's own default. `adam` is Adam
+# with momentum, the baseline; the page's forms without momentum are rows of their
+# own. `adam-nosqrt` is the page's Adam without the square root (no momentum), with
+# FisherAdam's Levenberg-Marquardt damping (the page's diverges). `adam-true-fisher`
+# differs from `adam` by the sampled-label Fisher alone. `natural-gradient` samples
+# labels (its exact form equals the Gauss-Newton step for these losses).
+DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {"learning_rate": 0.1}),
+    "adam": ("FisherAdam", {"learning_rate": 3e-3}),
+    "adam-nomomentum": ("FisherAdam", {"learning_rate": 1e-3, "momentum": 0.0}),
+    "adam-nosqrt": (
+        "FisherAdam",
+        {"learning_rate": 1e-3, "exponent": 1.0, "momentum": 0.0},
+    ),
+    "adam-true-fisher": ("FisherAdam", {"learning_rate": 1e-3, "fisher": "true"}),
+    "diag-newton": ("StochasticDiagonalNewton", {"learning_rate": 0.1}),
+    "adahessian": ("AdaHessian", {"learning_rate": 0.15}),
+    "gauss-newton": ("GaussNewton", {"learning_rate": 1.0}),
+    "natural-gradient": ("NaturalGradient", {"learning_rate": 1.0, "fisher": "mc"}),
+    "kfac": ("KFAC", {"learning_rate": 1.0}),
+    "shampoo": ("Shampoo", {"learning_rate": 3e-3}),
+    "soap": ("SOAP", {"learning_rate": 1e-2}),
+    "muon": ("Muon", {"learning_rate": 0.02}),
+}
+
+# TinyViT configurations: "page" is the reference page's CIFAR-10 model; "small" is
+# the digits default (8x8 images: 2x2 patches, 16 tokens and a class token); "tiny"
+# is for tests.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"features": 8, "patch_size": 4, "depth": 1, "num_heads": 1},
+    "small": {"features": 32, "patch_size": 2, "depth": 2, "num_heads": 2},
+    "page": {"features": 128, "patch_size": 8, "depth": 4, "num_heads": 4},
+}
+DEFAULT_SIZE = {"digits": "small", "cifar10": "page"}
+SMOOTHING = 100
+SCHEMA = "eqx-curv-train/1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--optimizers",
+        default="all",
+        help="comma-separated names, or 'all' (default): " + ", ".join(OPTIMIZER_NAMES),
+    )
+    add("--steps", type=int, default=1000, help="training steps per optimizer")
+    add("--batch-size", type=int, default=128, help="examples per step")
+    add("--dataset", choices=("digits", "cifar10"), default="digits")
+    add("--data-dir", default=None, help="where CIFAR-10 is (or is downloaded to)")
+    add("--model-size", choices=tuple(MODEL_SIZES), default=None,
+        help="TinyViT size (default: small for digits, page for cifar10)")  # fmt: skip
+    add("--out", default="train-results", help="folder for results and figures")
+    add("--seed", type=int, default=0)
+    add("--resume", action="store_true", help="continue from --out's checkpoints")
+    add(
+        "--eval-every",
+        type=int,
+        default=250,
+        help="test accuracy every this many steps",
+    )
+    add("--chunk", type=int, default=50, help="steps per jitted lax.scan call")
+    add("--devices", type=int, default=1, help="split each batch over N devices")
+    add("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _optimizer_names(spec: str) -> list[str]:
+    if spec.strip() == "all":
+        return list(OPTIMIZER_NAMES)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OPTIMIZER_NAMES]
+    if unknown or not names:
+        raise ValueError(
+            f"`--optimizers` has unknown name(s) {', '.join(unknown) or '(none)'}: pass "
+            f"'all' or a comma-separated list of {', '.join(OPTIMIZER_NAMES)}."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _check_arguments(args: argparse.Namespace) -> list[str]:
+    names = _optimizer_names(args.optimizers)
+    for flag in ("steps", "batch_size", "eval_every", "chunk", "devices"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ValueError(
+                f"`--{flag.replace('_', '-')}` must be a positive integer, got {value}."
+            )
+    if args.batch_size % args.devices:
+        raise ValueError(
+            f"`--batch-size` {args.batch_size} is not divisible by `--devices` "
+            f"{args.devices}: each device takes an equal share of the batch. Pass a "
+            f"batch size that is a multiple of {args.devices}."
+        )
+    return names
+
+
+def _force_devices(count: int) -> None:
+    """Ask for `count` host devices; takes effect only before JAX's backend starts."""
+    if count > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            flag = f"--xla_force_host_platform_device_count={count}"
+            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        names = _check_arguments(args)
+    except ValueError as error:
+        print(f"eqx-curv train: error: {error}", file=sys.stderr)
+        return 2
+    _force_devices(args.devices)
+    from . import study  # imports JAX, after the device flag is set
+
+    try:
+        results = study.run_study(names, args)
+    except study.SettingsError as error:
+        print(f"eqx-curv train: error: {error}", file=sys.stderr)
+        return 2
+    from .plots import write_figures, write_table
+
+    out = Path(args.out)
+    table = write_table(results, out / "results.md")
+    write_figures(results, out)
+    print(table)
+    return 0
