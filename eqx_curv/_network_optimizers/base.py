@@ -208,8 +208,12 @@ def tree_norm(tree: PyTree[Array], dtype: Any) -> Array:
 
 
 def tree_select(ok: Bool[Array, ""], new: PyTree, old: PyTree) -> PyTree:
-    """`new` where `ok`, else `old`, leaf by leaf (bitwise `old` when not `ok`)."""
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    """`new` where `ok`, else `old` (bitwise `old` when not `ok`).
+
+    One `lax.cond`, not a `where` per leaf: XLA fuses the chain of per-leaf
+    finiteness checks behind `ok` into every leaf's select, so that the compiled step
+    grew with the square of the number of leaves (minutes for Shampoo on TinyViT)."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def cast_like(value: RealScalarLike | Array, x: Array) -> Array:
