@@ -183,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"eqx-curv train: error: {error}", file=sys.stderr)
         return 2
     _force_devices(args.devices)
+    # jaxlib's CPU eigendecompositions, inverses and QRs (K-FAC's inverses, Shampoo's
+    # and SOAP's refreshes) go through OpenBLAS, whose threads would fight XLA's for
+    # the cores; it reads this when it loads, with NumPy.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from . import study  # imports JAX, after the device flag is set
 
     try:
