@@ -75,14 +75,40 @@ def _draw(ax, name: str, record: dict, *, against_time: bool = False, **style):
         )
     else:
         x = steps
+    finite = curve[np.isfinite(curve)]
+    if len(finite) and (len(finite) < len(curve) or finite[-1] > _LIMIT * finite[0]):
+        name = f"{name} (diverged)"
     ax.plot(x, np.where(np.isfinite(curve), curve, np.nan), label=name, **style)
 
 
-def _finish(fig, ax, title: str, path: Path, xlabel: str) -> None:
+# A curve that ends above this multiple of where it started is marked as diverged,
+# and the axes stop at this multiple of the highest starting loss, so that one
+# diverged run does not flatten every other curve.
+_LIMIT = 2.0
+
+
+def _starts(records) -> tuple[float, float] | tuple[()]:
+    """The highest starting and the lowest smoothed loss of `records`' curves."""
+    import numpy as np
+
+    starts, lows = [], []
+    for record in records:
+        curve = np.asarray(record["curves"]["smoothed_loss"], np.float64)
+        curve = curve[np.isfinite(curve) & (curve > 0)]
+        if len(curve):
+            starts.append(float(curve[0]))
+            lows.append(float(curve.min()))
+    return (max(starts), min(lows)) if starts else ()
+
+
+def _finish(fig, ax, title: str, path: Path, xlabel: str, starts=()) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss (smoothed)")
     ax.set_yscale("log")
+    if starts:
+        highest_start, lowest = starts
+        ax.set_ylim(lowest / 1.2, _LIMIT * highest_start)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -111,7 +137,8 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         if adam is not None and "adam" not in present:
             _draw(ax, "adam", adam, color="black", linestyle="--")
         path = out / f"loss_{key}.png"
-        _finish(fig, ax, title, path, "step")
+        shown = [records[name] for name in present] + ([adam] if adam else [])
+        _finish(fig, ax, title, path, "step", _starts(shown))
         plt.close(fig)
         written.append(path)
     for name, against_time, xlabel in (
@@ -123,7 +150,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
             style = {"linestyle": "-" if i < 10 else "--"}
             _draw(ax, optimizer, record, against_time=against_time, **style)
         title = f"{results['dataset']}: every optimizer"
-        _finish(fig, ax, title, out / name, xlabel)
+        _finish(fig, ax, title, out / name, xlabel, _starts(records.values()))
         plt.close(fig)
         written.append(out / name)
     return written
