@@ -713,6 +713,60 @@ def test_statistics_every_k_steps_and_on_a_sub_batch():
         eqx_curv.KFAC(statistics_every=0)
 
 
+def test_adaptive_every_reuses_alpha_between_quadratic_model_steps():
+    # The quadratic model on counts 0 and 3 only: there (alpha, mu) are the exact
+    # model's (bitwise those of `adaptive_every=1` on the first step); on counts 1
+    # and 2 alpha is the last model step's, bitwise, with no momentum, no predicted
+    # change and no damping judgement (judged every lcm(5, 3) = 15 steps).
+    from models import make_problem
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(7))
+    kwargs = dict(fisher_type="empirical", max_kl=None)
+    opt = eqx_curv.KFAC(adaptive_every=3, **kwargs)
+    every_step = eqx_curv.KFAC(**kwargs)
+    _, _, reference = eqx.filter_jit(every_step.step)(
+        model, every_step.init(model), loss, x, y
+    )
+    state = opt.init(model)
+    step = eqx.filter_jit(opt.step)
+    infos = []
+    for _ in range(4):
+        before, previous = model, _ravel(state.stats.previous)
+        model, state, info = step(model, state, loss, x, y)
+        infos.append(info.stats)
+        assert not bool(info.skipped)
+    for name in ("alpha", "momentum", "predicted_change"):
+        assert np.array_equal(infos[0][name], reference.stats[name]), name
+    assert [bool(i["adapt_damping"]) for i in infos] == [True, False, False, False]
+    for i in infos[1:3]:
+        assert np.array_equal(i["alpha"], infos[0]["alpha"])
+        assert float(i["momentum"]) == 0.0
+        assert bool(jnp.isnan(i["predicted_change"]))
+    # Count 3 runs the model again: new coefficients, stored for the next steps.
+    assert not np.array_equal(infos[3]["alpha"], infos[0]["alpha"])
+    assert float(infos[3]["momentum"]) != 0.0
+    assert bool(jnp.isfinite(infos[3]["predicted_change"]))
+    assert np.array_equal(state.stats.coefficients[0], infos[3]["alpha"])
+    # The last update u = alpha Delta + mu delta_0 minimises the exact model
+    # g.u + u (G + lambda) u / 2 over both directions: its gradient g + (G +
+    # lambda) u is orthogonal to u and to delta_0 (the update of count 2).
+    u = _ravel(eqx.filter(model, eqx.is_inexact_array))
+    u = u - _ravel(eqx.filter(before, eqx.is_inexact_array))
+    g = _ravel(eqx.filter_grad(lambda m: loss(jax.vmap(m)(x), y))(before))
+    ggn = eqx_curv.GGNOperator(before, loss, x).as_matrix()
+    residual = g + ggn @ u + infos[3]["damping"] * u
+    for v in (u, previous):
+        scale = np.linalg.norm(g) * np.linalg.norm(v)
+        assert abs(float(residual @ v)) < 1e-9 * scale
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="`adaptive_every` must be a positive"):
+            eqx_curv.KFAC(adaptive_every=bad)
+    with pytest.raises((ValueError, TypeError), match="adaptive_every"):
+        eqx_curv.KFAC(adaptive_every=2.5)  # pyright: ignore
+
+
 @pytest.mark.slow  # seconds of compilation and training: run with `-m slow`
 def test_low_precision_models_accumulate_factors_in_float32():
     import eqx_curv
