@@ -112,6 +112,14 @@ def _rows(
             )
             for k in (1, 10, 100)
         ],
+        (
+            # The quadratic model on every fifth step only (no floor: its passes
+            # differ from step to step).
+            "KFAC(adaptive_every=5), inverses every 10",
+            eqx_curv.KFAC(inverse_every=10, adaptive_every=5),
+            None,
+            "full",
+        ),
         *[
             (f"Shampoo, roots every {k}", eqx_curv.Shampoo(root_every=k), None, "full")
             for k in (1, 10, 100)
