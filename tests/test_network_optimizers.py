@@ -221,6 +221,94 @@ def test_non_finite_step_is_skipped(name, case):
         assert not bool(jnp.isfinite(info.loss))
 
 
+@pytest.mark.parametrize("case", ["update", "state"])
+def test_step_is_skipped_when_only_the_update_or_the_new_state_is_not_finite(case):
+    # A finite batch, loss and gradient, and still a non-finite step: an update that
+    # overflows (a huge learning rate), or a new state that does while the update
+    # stays finite (Adam's second moment of a gradient of 1e25 is infinite in float32,
+    # and the update m / sqrt(v) is then 0).
+    import eqx_curv
+
+    model = eqx.nn.Linear(4, 3, key=jax.random.key(0), dtype=jnp.float32)
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    x = jax.random.normal(jax.random.key(1), (8, 4), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 3)
+    if case == "update":
+        opt, x = eqx_curv.SGD(learning_rate=3e38), 100 * x
+    else:
+        opt, x = eqx_curv.FisherAdam(), 1e25 * x
+    grads = jax.grad(lambda m: loss(jax.vmap(m)(x), y))(model)
+    assert _finite(grads) and bool(jnp.isfinite(loss(jax.vmap(model)(x), y)))
+    scale = 3e38 if case == "update" else grads.weight  # the premise: g * scale
+    assert not _finite(jnp.asarray(scale, jnp.float32) * grads.weight)
+    state = opt.init(model)
+    new_model, new_state, info = _step(opt, model, state, loss, x, y, None)
+    assert bool(info.skipped) and float(info.update_norm) == 0
+    assert _same(new_model, model) and _same(new_state, state)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+def test_tree_all_finite_finds_one_non_finite_entry_anywhere(bad):
+    # The guard's check sums `x * 0` over the leaves of each size: exact for values
+    # whose sum would overflow, for 16-bit and complex leaves, and for leaves of
+    # 4096 entries or more (where a max of NaNs once gave -inf on CPU).
+    from eqx_curv._misc import tree_all_finite
+
+    tree = {
+        "big": jnp.full((70, 80), 3e38, jnp.float32),
+        "same_size": [jnp.full((80, 70), 3e38, jnp.float32), jnp.zeros(5600)],
+        "half": jnp.ones((3, 4), jnp.bfloat16),
+        "double": jnp.ones(7, jnp.float64),
+        "scalar": jnp.asarray(1.0, jnp.float32),
+        "complex": jnp.ones(2, jnp.complex64),
+        "ints": jnp.arange(4),
+        "empty": jnp.zeros((0, 3)),
+    }
+    check = jax.jit(tree_all_finite)  # one compilation: only values change below
+    assert bool(check(tree)) and bool(tree_all_finite(tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    for i, leaf in enumerate(leaves):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact) or leaf.size == 0:
+            continue  # integers are finite; nothing to set in an empty leaf
+        value = complex(0, bad) if jnp.iscomplexobj(leaf) else bad
+        for j in sorted({0, leaf.size // 2, leaf.size - 1}):
+            bad_leaf = leaf.reshape(-1).at[j].set(value).reshape(leaf.shape)
+            bad_tree = jax.tree.unflatten(
+                treedef, [*leaves[:i], bad_leaf, *leaves[i + 1 :]]
+            )
+            assert not bool(check(bad_tree)), (i, j)
+
+
+def test_tree_all_finite_reduces_once_per_leaf_size():
+    # One reduction per leaf size and dtype, not one per leaf: 30 leaves of two sizes
+    # give two (every reduction is a kernel of its own on CPU).
+    from eqx_curv._misc import tree_all_finite
+
+    tree = [jnp.ones((4, 5)), jnp.ones(20), jnp.ones(3)] * 10
+    eqns = jax.make_jaxpr(tree_all_finite)(tree).eqns
+    reductions = [e for e in eqns if e.primitive.name in ("reduce_sum", "reduce_and")]
+    assert len(reductions) == 2
+
+
+def test_guard_neither_branches_nor_copies_the_incoming_state():
+    # The guard selects the new or the incoming leaves by a `where` fused into the
+    # computation of each new leaf. A `lax.cond` returning the incoming model and
+    # state from a branch made XLA copy all of them (inputs that are not donated)
+    # at every step.
+    import eqx_curv
+
+    opt = eqx_curv.FisherAdam()
+    model = eqx.nn.MLP(4, 3, 8, 4, key=jax.random.key(0))
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    x, y = jnp.zeros((8, 4)), jnp.zeros((8,), jnp.int32)
+    step = eqx.filter_jit(lambda o, m, s: o.step(m, s, loss, x, y))
+    text = step.lower(opt, model, opt.init(model)).compile().compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert " conditional(" not in entry
+    assert entry.count(" copy(") < len(leaves), entry.count(" copy(")
+
+
 @pytest.mark.parametrize("name", _NAMES)
 def test_state_round_trips_and_resumes_bitwise(name):
     opt = NETWORK_OPTIMIZERS[name]()

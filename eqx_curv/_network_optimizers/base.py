@@ -26,6 +26,7 @@ labels, Hutchinson probes) comes from `own_key`.
 import abc
 import functools
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any, Generic, TYPE_CHECKING, TypeVar
 
@@ -39,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 from .._misc import (
     check_hyperparameter,
     checked_hyperparameter,
+    flat_groups,
     RealScalarLike,
     shown,
     structure_of,
@@ -82,8 +84,9 @@ class StepInfo(eqx.Module):
 
     - `loss`: the batch loss at the incoming model, a scalar.
     - `skipped`: a boolean scalar, `True` where something was non-finite (the batch,
-        the loss, the gradient, the curvature or the update) and the step was skipped:
-        the returned model and state are then the incoming ones.
+        the loss, the gradient, the update or the new state, every entry of them)
+        and the step was skipped: the returned model and state are then the
+        incoming ones, bitwise.
     - `learning_rate`: the learning rate of this step (from the schedule).
     - `update_norm`: the Euclidean norm of the parameter update applied (0 when
         skipped).
@@ -202,18 +205,29 @@ def promoted_dtype(tree: PyTree[Array]) -> Any:
 
 
 def tree_norm(tree: PyTree[Array], dtype: Any) -> Array:
-    """The Euclidean norm of all leaves together, in `dtype`."""
-    squares = [jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)]
+    """The Euclidean norm of all leaves together, in `dtype`.
+
+    One reduction per leaf size (as `tree_all_finite`), not one per leaf."""
+    leaves = [x.astype(dtype) for x in jax.tree.leaves(tree)]
+    squares = [
+        jnp.sum(functools.reduce(operator.add, [jnp.square(x) for x in group]))
+        for group in flat_groups(leaves)
+    ]
     return jnp.sqrt(sum(squares, jnp.zeros((), dtype)))
 
 
 def tree_select(ok: Bool[Array, ""], new: PyTree, old: PyTree) -> PyTree:
-    """`new` where `ok`, else `old` (bitwise `old` when not `ok`).
+    """`new` where `ok`, else `old` (bitwise `old` when not `ok`), leaf by leaf.
 
-    One `lax.cond`, not a `where` per leaf: XLA fuses the chain of per-leaf
-    finiteness checks behind `ok` into every leaf's select, so that the compiled step
-    grew with the square of the number of leaves (minutes for Shampoo on TinyViT)."""
-    return jax.lax.cond(ok, lambda: new, lambda: old)
+    A `where` per leaf, which XLA fuses into the computation of the new leaf where
+    that leaf has no other use (the parameters' `p + u`), and otherwise runs as one
+    elementwise pass. Not a `lax.cond`: its branch returning `old` returns the
+    step's inputs, which XLA then copies whole (parameters and state) at every
+    step. `ok` passes an optimization barrier first, so that XLA computes it once:
+    fused into every select, the checks behind it made the compiled step grow with
+    the square of the number of leaves."""
+    ok = jax.lax.optimization_barrier(ok)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def cast_like(value: RealScalarLike | Array, x: Array) -> Array:
@@ -402,13 +416,13 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
             objective, params, Proposal(loss_value, grads, updates, stats, info)
         )
 
+        # The guard: the batch, the loss, the gradient, the update and the whole new
+        # state, every entry of them, in a few fused reductions (`tree_all_finite`).
         batch = eqx.filter(inputs, eqx.is_inexact_array)
         ok = (
             all_over_shards(tree_all_finite(batch))  # every device's share of it
             & jnp.isfinite(proposal.loss)
-            & tree_all_finite(proposal.grads)
-            & tree_all_finite(proposal.updates)
-            & tree_all_finite(proposal.stats)
+            & tree_all_finite((proposal.grads, proposal.updates, proposal.stats))
         )
         new_params = jax.tree.map(lambda p, u: p + u, params, proposal.updates)
         new_params = tree_select(ok, new_params, params)
@@ -484,8 +498,7 @@ class AbstractNetworkOptimizer(eqx.Module, Generic[_Stats, _Aux]):
             updates, stats, _ = self.direction(
                 grads, aux, params, state.stats, state.count, learning_rate
             )
-            ok = tree_all_finite(grads) & tree_all_finite(updates)
-            ok = ok & tree_all_finite(stats)
+            ok = tree_all_finite((grads, updates, stats))
             updates = tree_select(ok, updates, jax.tree.map(jnp.zeros_like, updates))
             new_state = tree_select(
                 ok, NetworkOptimizerState(state.count + 1, stats), state
