@@ -137,9 +137,21 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
     statistics_batch: AbstractVar[int | float]
     statistics_every: AbstractVar[int]
     adaptive_every: AbstractVar[int]
+    eigh_retry: AbstractVar[bool]
 
     def __check_init__(self):
         check_fisher_type(self.fisher_type)
+        if not isinstance(self.eigh_retry, bool):
+            raise TypeError(
+                "`eigh_retry` must be a Python bool, not "
+                f"{type(self.eigh_retry).__name__}."
+            )
+        if self.eigh_retry and self.damping_method != "exact":
+            raise ValueError(
+                '`eigh_retry=True` needs `damping_method="exact"`: only that method '
+                'eigendecomposes the factors ("factored" inverts them by LU). Set '
+                '`damping_method="exact"`, or leave `eigh_retry` False.'
+            )
         if self.approximation not in ("expand", "reduce"):
             raise ValueError(
                 f'`approximation` must be "expand" or "reduce", not '
@@ -224,7 +236,7 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
         self, left: Array, right: Array, damping: Array
     ) -> Eigen | FactoredInverse:
         if self.damping_method == "exact":
-            return eigen(left, right)
+            return eigen(left, right, self.eigh_retry)
         return factored_inverse(left, right, damping)
 
     def init_stats(self, params: PyTree[Array]) -> _KFACStats:
@@ -397,6 +409,12 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             # The schedule scales the quadratic model's step (`adapt`).
             "scale": learning_rate.astype(damping.dtype),
         }
+        if self.eigh_retry:
+            # The factors recomputed in float64 at the last refresh.
+            info["eigh_retries"] = sum(
+                (p.retries for p in preconditioner if isinstance(p, Eigen)),
+                jnp.zeros((), jnp.int32),
+            )
         new_stats = _KFACStats(
             factors, preconditioner, refreshed, damping, stats.previous,
             stats.coefficients,
@@ -592,8 +610,8 @@ class KFAC(AbstractKFAC):
         $10^{-8}$ lets the steps blow up.
 
     `info.stats` reports `damping`, `alpha`, `momentum`, `predicted_change`,
-    `reduction_ratio` (NaN on steps that do not adapt the damping), `kl_shrink` and
-    `adapt_damping`.
+    `reduction_ratio` (NaN on steps that do not adapt the damping), `kl_shrink`,
+    `adapt_damping` and, with `eigh_retry`, `eigh_retries`.
 
     Every registered layer of the model must be called as a module (a model that
     reads a layer's weight itself is refused, naming it). Needs an eqx_curv loss;
@@ -631,6 +649,12 @@ class KFAC(AbstractKFAC):
         less steadily: on digits `adaptive_every=5` matched the default for 100
         steps, then stalled at 0.02 to 0.1 with jumps (see the K-FAC page);
         reusing $\mu$ as well blew up.
+    - `eigh_retry`: with `damping_method="exact"`, recompute in float64 the
+        factors whose float32 eigendecomposition fails (non-finite, or a
+        reconstruction residual above $64\sqrt{n}\,\varepsilon$; see
+        [`eqx_curv.eigh_with_retry`][]); `info.stats["eigh_retries"]` counts them
+        at the last refresh. Steps where nothing fails pay only the check.
+        Default `False`.
     """
 
     learning_rate: LearningRate
@@ -646,6 +670,7 @@ class KFAC(AbstractKFAC):
     statistics_batch: int | float = eqx.field(static=True)
     statistics_every: int = eqx.field(static=True)
     adaptive_every: int = eqx.field(static=True)
+    eigh_retry: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -663,6 +688,7 @@ class KFAC(AbstractKFAC):
         statistics_batch: int | float = 0.25,
         statistics_every: int = 1,
         adaptive_every: int = 1,
+        eigh_retry: bool = False,
     ):
         self.learning_rate = learning_rate
         self.fisher_type = fisher_type
@@ -677,3 +703,4 @@ class KFAC(AbstractKFAC):
         self.statistics_batch = statistics_batch
         self.statistics_every = statistics_every
         self.adaptive_every = adaptive_every
+        self.eigh_retry = eigh_retry

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from equinox import AbstractVar
 from jaxtyping import Array, Int, PyTree
 
+from .._linalg.eigh import eigh_failed, retry_failed, to_retry
 from .._misc import (
     check_hyperparameter,
     check_positive_int,
@@ -60,6 +61,22 @@ def _eigenbasis(matrix: Array) -> Array:
     return vectors[:, ::-1]
 
 
+def _checked_eigh(matrix: Array) -> tuple[Array, Array, Array]:
+    """`jnp.linalg.eigh` and whether it failed (see `eqx_curv.eigh_with_retry`)."""
+    values, vectors = jnp.linalg.eigh(matrix)
+    return values, vectors, eigh_failed(matrix, values, vectors)
+
+
+def _eigenbases_with_retry(matrices: Array) -> tuple[Array, Array]:
+    """`_eigenbasis` of a stack, the failed ones recomputed in float64; and which
+    were. The decompositions and checks go through `map_matrices`; the retry is
+    one `lax.cond` on the whole stack, so that it runs only if some matrix failed
+    (under a `vmap` it would run every time)."""
+    values, vectors, failed = map_matrices(_checked_eigh, matrices)
+    result = retry_failed(matrices, values, vectors, failed, True)
+    return result.eigenvectors[..., ::-1], to_retry(matrices, failed, True)
+
+
 def _power_qr(matrix: Array, basis: Array) -> tuple[Array, Array]:
     """One power-iteration step and a QR, after sorting the columns of `basis` by
     their Rayleigh quotients (largest first); returns the new basis and the sort."""
@@ -81,6 +98,7 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
     refresh_every: AbstractVar[int]
     max_precond_dim: AbstractVar[int]
     refresh: AbstractVar[Literal["qr", "eigh"]]
+    eigh_retry: AbstractVar[bool]
 
     def __check_init__(self):
         check_positive_int(self.refresh_every, "refresh_every", "steps between bases")
@@ -113,6 +131,11 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                 "`refresh` must be 'qr' (one power-iteration step and a QR) or 'eigh' "
                 f"(an exact eigendecomposition), not {self.refresh!r}."
             )
+        if not isinstance(self.eigh_retry, bool):
+            raise TypeError(
+                "`eigh_retry` must be a Python bool, not "
+                f"{type(self.eigh_retry).__name__}."
+            )
 
     def init_stats(self, params: PyTree[Array]) -> _SOAPStats:
         leaves = jax.tree.leaves(params)
@@ -138,7 +161,8 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
         return _SOAPStats(tuple(statistics), tuple(bases), first, second)
 
     def _refresh(self, statistics, bases, second, layouts, first_time):
-        """New bases from the statistics; V follows the sort of the columns."""
+        """New bases from the statistics; V follows the sort of the columns. Also
+        the number of eigendecompositions recomputed in float64 (`eigh_retry`)."""
         items = [
             ((f.shape[-1], f.dtype), (f, q))
             for stats, qs in zip(statistics, bases)
@@ -151,19 +175,30 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
             del key
             matrices, old = stacked
 
+            no_retries = jnp.zeros(old.shape[:-2], bool)
+
             def by_eigh():
                 # The ranks of the eigenvalues are V's coordinates: kept as they are.
                 order = jnp.broadcast_to(jnp.arange(old.shape[-1]), old.shape[:-1])
-                return map_matrices(_eigenbasis, matrices), order
+                if self.eigh_retry:
+                    q, retried = _eigenbases_with_retry(matrices)
+                    return q, order, retried
+                return map_matrices(_eigenbasis, matrices), order, no_retries
 
             def by_power_qr():
-                return map_matrices(lambda mq: _power_qr(*mq), (matrices, old))
+                q, order = map_matrices(lambda mq: _power_qr(*mq), (matrices, old))
+                return q, order, no_retries
 
             if self.refresh == "eigh":
                 return by_eigh()
             return jax.lax.cond(first_time, by_eigh, by_power_qr)
 
-        results = iter(apply_grouped(new_basis, items))
+        results = apply_grouped(new_basis, items)
+        retries = sum(
+            (jnp.sum(retried, dtype=jnp.int32) for _, _, retried in results),
+            jnp.zeros((), jnp.int32),
+        )
+        results = iter(results)
         new_bases, new_second = [], []
         for stats, qs, v, layout in zip(statistics, bases, second, layouts):
             if stats is None or qs is None or layout is None:
@@ -176,7 +211,7 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                 if f is None or q is None:
                     factors.append(q)
                     continue
-                q, order = next(results)
+                q, order, _ = next(results)
                 # Permute V along this axis as the columns of Q were sorted.
                 shape = [1] * v_blocks.ndim
                 shape[0], shape[axis + 1] = order.shape
@@ -186,7 +221,7 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                 factors.append(q)
             new_bases.append(tuple(factors))
             new_second.append(from_blocks(v_blocks, layout))
-        return tuple(new_bases), tuple(new_second)
+        return tuple(new_bases), tuple(new_second), retries
 
     # -- the protocol --------------------------------------------------------------
 
@@ -226,10 +261,10 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
         # The basis from the statistics that include this gradient: a full eigh at
         # step 0, then every `refresh_every` steps one power step and a QR.
         refresh = count % self.refresh_every == 0
-        bases, second = jax.lax.cond(
+        bases, second, retries = jax.lax.cond(
             refresh,
             lambda s, q, v: self._refresh(s, q, v, layouts, count == 0),
-            lambda s, q, v: (q, v),
+            lambda s, q, v: (q, v, jnp.zeros((), jnp.int32)),
             statistics,
             stats.bases,
             stats.second,
@@ -267,6 +302,8 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
 
         new_stats = _SOAPStats(statistics, bases, first, tuple(new_second))
         info = {"basis_refreshed": refresh}
+        if self.eigh_retry:
+            info["eigh_retries"] = retries
         return jax.tree.unflatten(treedef, updates), new_stats, info
 
 
@@ -322,6 +359,12 @@ class SOAP(AbstractSOAP):
     - `refresh_every`: the steps between refreshes of the basis. Default 10.
     - `max_precond_dim`: the largest dimension that gets a statistic. Default 10000.
     - `refresh`: `"qr"` (default) or `"eigh"`, as above.
+    - `eigh_retry`: recompute in float64 the statistics whose float32
+        eigendecomposition (step 0's, or every one with `refresh="eigh"`) fails:
+        non-finite, or a reconstruction residual above $64\sqrt{n}\,\varepsilon$
+        (see [`eqx_curv.eigh_with_retry`][]). `info.stats["eigh_retries"]` counts
+        them on each step (0 where the basis was not refreshed by `eigh`). Refreshes
+        where nothing fails pay only the check. Default `False`.
     """
 
     learning_rate: LearningRate
@@ -332,6 +375,7 @@ class SOAP(AbstractSOAP):
     refresh_every: int = eqx.field(static=True)
     max_precond_dim: int = eqx.field(static=True)
     refresh: Literal["qr", "eigh"] = eqx.field(static=True)
+    eigh_retry: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -343,6 +387,7 @@ class SOAP(AbstractSOAP):
         refresh_every: int = 10,
         max_precond_dim: int = 10000,
         refresh: Literal["qr", "eigh"] = "qr",
+        eigh_retry: bool = False,
     ):
         self.learning_rate = learning_rate
         self.momentum = momentum
@@ -352,3 +397,4 @@ class SOAP(AbstractSOAP):
         self.refresh_every = refresh_every
         self.max_precond_dim = max_precond_dim
         self.refresh = refresh
+        self.eigh_retry = eigh_retry

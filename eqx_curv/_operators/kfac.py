@@ -36,6 +36,7 @@ from .._layers import (
     Statistics,
     usable_layout,
 )
+from .._linalg.eigh import eigh_with_retry
 from .._losses import AbstractLoss
 from .._misc import check_positive_int, HIGHEST
 from .base import AbstractCurvatureOperator, check_damping
@@ -216,15 +217,28 @@ class Eigen(eqx.Module):
     left_vectors: Array  # [blocks, m, m]
     right_values: Array  # [blocks, n]
     right_vectors: Array | None  # [blocks, n, n]
+    retries: Array  # int32 scalar: factors recomputed in float64 (`eigh_retry`)
 
 
-def eigen(left: Array, right: Array) -> Eigen:
-    """Both factors' eigendecompositions; rounding-negative eigenvalues clipped to 0."""
-    wa, qa = jnp.linalg.eigh(0.5 * (left + jnp.swapaxes(left, -1, -2)))
+def eigen(left: Array, right: Array, retry: bool = False) -> Eigen:
+    """Both factors' eigendecompositions; rounding-negative eigenvalues clipped to 0.
+
+    With `retry`, those whose float32 result fails are recomputed in float64
+    ([`eqx_curv.eigh_with_retry`][])."""
+
+    def decompose(factor):
+        symmetric = 0.5 * (factor + jnp.swapaxes(factor, -1, -2))
+        if not retry:
+            w, q = jnp.linalg.eigh(symmetric)
+            return w, q, jnp.zeros((), jnp.int32)
+        result = eigh_with_retry(symmetric)
+        return result.eigenvalues, result.eigenvectors, result.retries
+
+    wa, qa, retries = decompose(left)
     if right.ndim == 2:
-        return Eigen(jnp.maximum(wa, 0), qa, jnp.maximum(right, 0), None)
-    wb, qb = jnp.linalg.eigh(0.5 * (right + jnp.swapaxes(right, -1, -2)))
-    return Eigen(jnp.maximum(wa, 0), qa, jnp.maximum(wb, 0), qb)
+        return Eigen(jnp.maximum(wa, 0), qa, jnp.maximum(right, 0), None, retries)
+    wb, qb, more = decompose(right)
+    return Eigen(jnp.maximum(wa, 0), qa, jnp.maximum(wb, 0), qb, retries + more)
 
 
 def spectral_values(
