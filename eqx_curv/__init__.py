@@ -5,6 +5,10 @@ from ._layers import (
     register_kfac_layer as register_kfac_layer,
 )
 from ._linalg.cg import CG as CG
+from ._linalg.eigh import (
+    eigh_with_retry as eigh_with_retry,
+    EighRetryResult as EighRetryResult,
+)
 from ._linalg.newton_schulz import (
     CUBIC_COEFFICIENTS as CUBIC_COEFFICIENTS,
     MUON_COEFFICIENTS as MUON_COEFFICIENTS,
