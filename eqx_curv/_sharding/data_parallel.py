@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox import AbstractVar
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
@@ -112,7 +113,7 @@ class _ShardedMean(eqx.Module):
         return jax.lax.pmean(self.loss(outputs, targets), self.axis)
 
 
-class _ShardedLoss(AbstractLoss):
+class _AbstractShardedLoss(AbstractLoss):
     r"""An eqx_curv loss on one device's share of the batch, read as the mean over
     the WHOLE batch: $\frac{1}{N}\sum_i \ell_i$ with $N$ the whole batch's size.
 
@@ -123,10 +124,9 @@ class _ShardedLoss(AbstractLoss):
     whole batch's targets from the same key and keeps this device's.
     """
 
-    hessian_depends_on_targets: ClassVar[bool] = False
-    loss: AbstractLoss
-    axis: str = eqx.field(static=True)
-    size: int = eqx.field(static=True)
+    loss: AbstractVar[AbstractLoss]
+    axis: AbstractVar[str]
+    size: AbstractVar[int]
 
     def __call__(self, outputs: Float[Array, "batch ..."], targets: ArrayLike) -> Array:
         return jax.lax.pmean(self.loss(outputs, targets), self.axis)
@@ -147,8 +147,22 @@ class _ShardedLoss(AbstractLoss):
         return self.loss.num_positions(outputs)
 
 
-class _ShardedTargetLoss(_ShardedLoss):
+class _ShardedLoss(_AbstractShardedLoss):
+    """A sharded loss whose output-space Hessian does not depend on the targets."""
+
+    hessian_depends_on_targets: ClassVar[bool] = False
+    loss: AbstractLoss
+    axis: str = eqx.field(static=True)
+    size: int = eqx.field(static=True)
+
+
+class _ShardedTargetLoss(_AbstractShardedLoss):
+    """A sharded loss whose output-space Hessian depends on the targets."""
+
     hessian_depends_on_targets: ClassVar[bool] = True
+    loss: AbstractLoss
+    axis: str = eqx.field(static=True)
+    size: int = eqx.field(static=True)
 
 
 def _sharded_loss(loss: Callable, axis: str, size: int) -> Callable:
