@@ -18,6 +18,13 @@
 #   TEST_TIMEOUT   seconds per pytest run (default: 150)
 #   BENCHES        benchmark files to run (default: roots, kronecker, operators, cg;
 #                  bench_classical.py is a float64 CPU benchmark and is left out)
+#   CIFAR          the CIFAR-10 archive or folder for the study run (default:
+#                  data/cifar10-jpg.tar.gz, an ignored folder of the checkout; the
+#                  step is skipped if it is missing)
+#   CIFAR_STEPS    steps per optimizer of that run (default: 2000)
+#   CIFAR_TIMEOUT  seconds for that run (default: 300)
+#   CIFAR_ONLY=1   run only the CIFAR-10 study (its own device call of ~8 minutes:
+#                  CIFAR_TIMEOUT=480 DEADLINE=500 CIFAR_ONLY=1 bash benchmarks/gpu_check.sh)
 #   EQX_CURV_QUICK=1  tiny settings, for a dry run on CPU (benchmarks read it too):
 #                  JAX_PLATFORMS=cpu EQX_CURV_QUICK=1 bash benchmarks/gpu_check.sh
 #
@@ -94,6 +101,31 @@ record() {  # name, exit code
     SUMMARY+=("$(printf '%-45s %s' "$name" "$verdict")")
 }
 
+CIFAR=${CIFAR:-data/cifar10-jpg.tar.gz}
+CIFAR_STEPS=${CIFAR_STEPS:-2000}
+CIFAR_TIMEOUT=${CIFAR_TIMEOUT:-300}
+[ "$QUICK" = 1 ] && CIFAR_STEPS=20
+
+cifar_study() {  # Adam and the four strongest second-order methods on real CIFAR-10
+    if [ ! -e "$CIFAR" ]; then
+        SUMMARY+=("$(printf '%-45s %s' "CIFAR-10 study" "skipped (no $CIFAR)")")
+        return
+    fi
+    echo "== CIFAR-10 study: $CIFAR_STEPS steps (limit ${CIFAR_TIMEOUT}s)"
+    run_step "CIFAR-10 study ($CIFAR_STEPS steps)" "$CIFAR_TIMEOUT" \
+        "$PYTHON" -m eqx_curv.experiments.cli train --dataset cifar10 \
+        --data-dir "$CIFAR" --optimizers adam,kfac,shampoo,soap,muon \
+        --steps "$CIFAR_STEPS" --eval-every 500 --chunk 100 --no-progress \
+        --out "${OUT:-/tmp}/cifar10-study"
+}
+
+if [ "${CIFAR_ONLY:-0}" = 1 ]; then
+    cifar_study
+    echo "== summary"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit "$FAILED"
+fi
+
 echo "== pytest -m gpu"
 run_step "pytest -m gpu" "$TEST_TIMEOUT" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
 
@@ -114,6 +146,8 @@ for group in FIRST REST; do
         "$TEST_TIMEOUT" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" \
         -m "not slow and not gpu" "${files[@]}"
 done
+
+cifar_study
 
 read -r -a BENCH_LIST <<< "${BENCHES:-bench_roots.py bench_kronecker.py bench_operators.py bench_cg.py}"
 for name in "${BENCH_LIST[@]}"; do
