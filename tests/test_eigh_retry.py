@@ -185,6 +185,7 @@ def _all_finite(params):
     return all(np.isfinite(p).all() for leaves in params for p in leaves)
 
 
+@pytest.mark.slow  # two compiled K-FAC steps: ~23 s
 def test_kfac_retries_failed_factors_and_is_otherwise_unchanged(monkeypatch):
     import eqx_curv
 
@@ -211,6 +212,7 @@ def test_kfac_retries_failed_factors_and_is_otherwise_unchanged(monkeypatch):
     assert not any(bool(info.skipped) for info in infos) and _all_finite(params)
 
 
+@pytest.mark.slow  # two compiled SOAP steps: ~11 s
 def test_soap_retries_failed_statistics_and_is_otherwise_unchanged(monkeypatch):
     import eqx_curv
 

@@ -408,6 +408,7 @@ def test_optax_form_gives_the_updates_of_step(name):
         )
 
 
+@pytest.mark.slow  # two optimised compilations of a Shampoo step: ~11 s
 def test_compiled_step_grows_linearly_with_the_number_of_layers():
     # Structural, not timed: the optimized HLO of the step for 11/3 times the
     # parameter leaves (MLPs of depth 2 and 10: 6 and 22 leaves) is at most 11/3

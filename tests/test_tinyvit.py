@@ -67,7 +67,9 @@ def _reference_forward(model, x, key):
     return model.head(tokens[0])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)]
+)
 def test_forward_equals_plain_equinox_layers(dtype):
     # The model computes its layers directly on the Equinox layers' parameters (the
     # patch convolution as a matmul, attention by einsum); it must give what the layers

@@ -160,6 +160,7 @@ def test_resume_continues_to_the_uninterrupted_result(every_optimizer, tmp_path)
         assert files[0].read_bytes() == files[1].read_bytes(), name
 
 
+@pytest.mark.slow  # a second compilation of the study on 2 forced devices
 def test_data_parallel_over_forced_cpu_devices(every_optimizer, tmp_path):
     # `--devices 2` sets the device flag itself before JAX starts (the subprocess is
     # given none), splits each batch over the two devices and matches one device.
