@@ -129,6 +129,31 @@ def roots() -> dict:
     return {"difference": _difference(one, spread)}
 
 
+def operators() -> dict:
+    """A GGN product and a damped CG solve on a batch sharded over the devices (the
+    compiler partitions them), against the same on one device."""
+    import lineax as lx
+
+    def solve(inputs, targets, v):
+        ggn = eqx_curv.GGNOperator(MODEL, LOSS, inputs, targets)
+        damped = eqx_curv.DampedOperator(ggn, 1e-2)
+        solver = eqx_curv.CG(rtol=1e-6, atol=1e-6, max_steps=50)
+        return ggn.mv(v), lx.linear_solve(damped, v, solver).value
+
+    params = eqx.filter(MODEL, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    v = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
+    mesh = _mesh()
+    one = jax.jit(solve)(INPUTS, TARGETS, v)
+    inputs = eqx_curv.shard_batch(INPUTS, mesh)
+    targets = eqx_curv.shard_batch(TARGETS, mesh)
+    split = jax.jit(solve)(inputs, targets, v)
+    return {"difference": _difference(one, split)}
+
+
 def errors() -> dict:
     """The sentences for a batch that does not divide and a mesh without the axis."""
     out = {}
@@ -155,6 +180,8 @@ def main(cases: list[str]) -> None:
         try:
             if case == "roots":
                 result = roots()
+            elif case == "operators":
+                result = operators()
             elif case == "errors":
                 result = errors()
             else:

@@ -17,7 +17,7 @@ import pytest
 
 
 _SCRIPT = Path(__file__).with_name("sharded_cases.py")
-_FAST = ["roots", "errors", "kfac:shard_map", "kfac:jit"]
+_FAST = ["roots", "operators", "errors", "kfac:shard_map", "kfac:jit"]
 _SLOW = [
     f"{name}:{way}"
     for name in ("kfac_exact", "soap", "muon", "fisher_adam_true")
@@ -61,7 +61,9 @@ def _check(result: dict) -> None:
     assert result["difference"] <= _TOLERANCE, result
 
 
-@pytest.mark.parametrize("case", [c for c in _FAST if ":" in c] + ["roots"])
+@pytest.mark.parametrize(
+    "case", [c for c in _FAST if ":" in c] + ["roots", "operators"]
+)
 def test_sharded_step_equals_one_device(fast, case):
     _check(fast[case])
 
