@@ -26,8 +26,6 @@ conditionals are printed as well: what the guard adds to the program.
 import argparse
 import contextlib
 import os
-import statistics
-import time
 
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -36,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved_medians
 
 import eqx_curv
 from eqx_curv._network_optimizers import base
@@ -159,13 +158,7 @@ def main():
             with _guard(guard):  # traced and compiled inside
                 calls[row], counts[row] = _compile(our_step(), opt, model, state, x, y)
 
-    times = {k: [] for k in calls}
-    for _ in range(args.repeats):
-        for k, call in calls.items():  # round robin
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[k].append(time.perf_counter() - start)
-    ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+    ms = interleaved_medians(calls, args.repeats)
     load_end = os.getloadavg()
 
     count = sum(leaf.size for leaf in jax.tree.leaves(params))

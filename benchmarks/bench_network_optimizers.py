@@ -42,7 +42,6 @@ import argparse
 import functools
 import os
 import statistics
-import time
 
 
 # jaxlib's CPU eigendecompositions and QR go through OpenBLAS, whose own threads fight
@@ -53,6 +52,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved_medians
 
 import eqx_curv
 from eqx_curv.experiments.tinyvit import TinyViT
@@ -312,13 +312,7 @@ def main():
             jax.block_until_ready(call())  # compile once, warm up every count
             calls[("step", name, count)] = call
 
-    times = {k: [] for k in calls}
-    for _ in range(args.repeats):
-        for k, call in calls.items():  # round robin
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[k].append(time.perf_counter() - start)
-    ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+    ms = interleaved_medians(calls, args.repeats)
     for name, period in periods.items():
         by_count = {c: ms.pop(("step", name, c)) for c in _cycle(period)}
         ms[("step", name)] = _amortised(period, by_count)

@@ -15,13 +15,12 @@ affects every row alike, and the median is reported. Rows:
 """
 
 import argparse
-import statistics
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from _timing import interleaved_medians
 
 import eqx_curv
 from eqx_curv.experiments.tinyvit import TinyViT
@@ -155,13 +154,7 @@ def main():
             f"check {name}: max |operator - direct| / max |direct| = {err / scale:.1e}"
         )
 
-    times = {k: [] for k in calls}
-    for _ in range(args.repeats):
-        for k, call in calls.items():  # round robin
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[k].append(time.perf_counter() - start)
-    median = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+    median = interleaved_medians(calls, args.repeats)
     grad_ms = median[("gradient", "")]
 
     count = sum(leaf.size for leaf in leaves)

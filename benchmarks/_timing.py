@@ -1,0 +1,21 @@
+"""Interleaved timing shared by the benchmarks (run as scripts, so imported by name)."""
+
+import statistics
+import time
+from collections.abc import Callable, Hashable
+
+import jax
+
+
+def interleaved_medians(
+    calls: dict[Hashable, Callable[[], object]], repeats: int
+) -> dict[Hashable, float]:
+    """Median milliseconds of each compiled call, timed in round-robin rounds so that
+    load from other processes affects every call alike."""
+    times: dict[Hashable, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
