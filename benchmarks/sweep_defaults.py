@@ -99,11 +99,14 @@ def main(argv=None) -> None:
     print(
         f"{problem.settings['dataset']}, {problem.settings['train_examples']} "
         f"training images, TinyViT {problem.settings['model']['size']} "
-        f"({problem.settings['model']['parameters']} parameters), batch "
-        f"{args.batch_size}, {args.steps} steps, seed {args.seed}"
+        f"({problem.settings['model']['parameters']} parameters), "
+        f"{study.describe_batches(names, args.batch_size)}, {args.steps} steps, "
+        f"seed {args.seed}"
     )
-    print("| optimizer | learning rate | final loss | test accuracy | steps/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| optimizer | batch | learning rate | final loss | test accuracy | steps/s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in names:
         cache: dict = {}
         rows = []
@@ -119,7 +122,8 @@ def main(argv=None) -> None:
             loss = "diverged" if not np.isfinite(finite[i]) else f"{finite[i]:.4f}"
             mark = " *" if i == best else ""
             print(
-                f"| {name} | {rate:g}{mark} | {loss} | {r['test_accuracy']:.3f} | "
+                f"| {name} | {r['batch_size']} | {rate:g}{mark} | {loss} | "
+                f"{r['test_accuracy']:.3f} | "
                 f"{r['steps_per_s']:.1f} |",
                 flush=True,
             )

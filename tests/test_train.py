@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 
-TINY = ["--model-size=tiny", "--batch-size=8", "--chunk=2", "--eval-every=2"]
-TINY += ["--no-progress"]
+# No `--batch-size`: each row runs at its default batch (128, and 32 for the
+# Gauss-Newton and natural-gradient rows).
+TINY = ["--model-size=tiny", "--chunk=2", "--eval-every=2", "--no-progress"]
+PER_ROW = {"gauss-newton": 32, "natural-gradient": 32}
 FIGURES = (
     "loss_sgd_diagonal.png",
     "loss_gauss_newton.png",
@@ -96,7 +98,8 @@ def test_results_json_schema(every_optimizer):
     assert results["schema"] == "eqx-curv-train/1"
     assert results["dataset"] == "digits"
     assert results["model"]["size"] == "tiny" and results["model"]["parameters"] > 0
-    assert (results["steps"], results["batch_size"], results["chunk"]) == (4, 8, 2)
+    # The flag was not given: null at the top, each row's own batch in its record.
+    assert (results["steps"], results["batch_size"], results["chunk"]) == (4, None, 2)
     assert results["smoothing"] == 100 and results["devices"] == 1
     adam = results["optimizers"]["adam"]
     assert results["adam_final_loss"] == adam["final_loss"]
@@ -104,7 +107,7 @@ def test_results_json_schema(every_optimizer):
     assert 1 <= adam["step_to_adam_loss"] <= 4
     for name, r in results["optimizers"].items():
         assert isinstance(r["class"], str) and isinstance(r["settings"], dict), name
-        assert r["batch_size"] == 8 and r["steps"] == 4
+        assert r["batch_size"] == PER_ROW.get(name, 128) and r["steps"] == 4
         assert r["final_loss"] == pytest.approx(np.mean(r["curves"]["loss"]))
         assert 0 <= r["test_accuracy"] <= 1
         assert r["steps_per_s"] > 0 and r["wall_s"] > 0 and r["compile_s"] > 0
@@ -133,18 +136,23 @@ def test_figures_are_written(every_optimizer):
 
 def test_resume_continues_to_the_uninterrupted_result(every_optimizer, tmp_path):
     # Half the steps, then `--resume` to all of them: bitwise the same losses, test
-    # accuracies and final parameters and statistics as the run in one go.
-    names = "--optimizers=adam,muon"
+    # accuracies and final parameters and statistics as the run in one go, for a row
+    # at batch 128 and one at its own batch 32. A checkpoint made at batch 32 is
+    # refused when the flags give its row another batch.
+    names = "--optimizers=adam,gauss-newton"
     half = tmp_path / "half.json"
+    other_batch = ["--optimizers=gauss-newton", "--batch-size=8", "--resume"]
     _run_script(
         _main(["train", names, "--steps=2", f"--out={tmp_path}", *TINY])
         + f"\nimport shutil; shutil.copy({str(tmp_path / 'results.json')!r}, "
         + f"{str(half)!r})\n"
+        + f"assert main({['train', *other_batch, '--steps=4', f'--out={tmp_path}', *TINY]!r}) == 2\n"
         + _main(["train", names, "--steps=4", "--resume", f"--out={tmp_path}", *TINY])
     )
     whole, resumed = _results(every_optimizer[0]), _results(tmp_path)
     first = json.loads(half.read_text())
-    for name in ("adam", "muon"):
+    assert resumed["optimizers"]["gauss-newton"]["batch_size"] == 32
+    for name in ("adam", "gauss-newton"):
         a = whole["optimizers"][name]["curves"]
         b = resumed["optimizers"][name]["curves"]
         # The first chunk was not run again: its time comes from the checkpoint.
@@ -195,6 +203,8 @@ def test_data_parallel_over_forced_cpu_devices(every_optimizer, tmp_path):
         (["--optimizers=sgd,newton"], "unknown name(s) newton"),
         (["--batch-size=10", "--devices=4"], "not divisible by `--devices` 4"),
         (["--steps=0"], "`--steps` must be a positive integer"),
+        (["--devices=3"], "default batch of sgd (128) is not divisible by"),
+        (["--optimizers=gauss-newton", "--devices=64"], "gauss-newton (32)"),
     ],
 )
 def test_bad_flags_are_sentences(argv, message, capsys, tmp_path):
@@ -238,3 +248,34 @@ def test_smoothing_and_time_interpolation():
     }
     assert reach(record, 1.0) == (3, 1.5)
     assert reach(record, 0.1) == (None, None)
+
+
+def test_batch_per_row_and_the_flag_for_every_row():
+    from eqx_curv.experiments.plots import table
+    from eqx_curv.experiments.study import describe_batches
+    from eqx_curv.experiments.train import batch_size, OPTIMIZER_NAMES
+
+    for name in OPTIMIZER_NAMES:
+        assert batch_size(name, None) == PER_ROW.get(name, 128)
+        assert batch_size(name, 8) == 8
+    names = ["adam", "gauss-newton", "natural-gradient"]
+    assert describe_batches(names, None) == (
+        "batch 128 (gauss-newton: 32; natural-gradient: 32)"
+    )
+    assert describe_batches(names, 8) == "batch 8"
+    row = {
+        "class": "X", "settings": {}, "final_loss": 1.0, "test_accuracy": 0.5,
+        "steps_per_s": 1.0, "wall_s": 1.0, "compile_s": 1.0, "skipped_steps": 0,
+        "step_to_adam_loss": None, "time_to_adam_loss": None,
+    }  # fmt: skip
+    results = {
+        "dataset": "digits", "model": {"size": "tiny", "parameters": 1}, "steps": 1,
+        "batch_size": None, "seed": 0, "smoothing": 100, "adam_final_loss": 1.0,
+        "chunk": 1, "optimizers": {
+            "adam": {**row, "batch_size": 128},
+            "gauss-newton": {**row, "batch_size": 32},
+        },
+    }  # fmt: skip
+    text = table(results)
+    assert "batch per row" in text
+    assert "| adam | X() | 128 |" in text and "| gauss-newton | X() | 32 |" in text

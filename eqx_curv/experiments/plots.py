@@ -31,10 +31,15 @@ def _number(value, spec: str) -> str:
 def table(results: dict) -> str:
     """The Markdown table of one run: a row per optimizer."""
     target = results["adam_final_loss"]
+    batches = [r["batch_size"] for r in results["optimizers"].values()]
+    if len(set(batches)) > 1:
+        batch = "batch per row"
+    else:
+        batch = f"batch {batches[0] if batches else results['batch_size']}"
     lines = [
         f"{results['dataset']}, TinyViT ({results['model']['size']}, "
         f"{results['model']['parameters']} parameters), {results['steps']} steps, "
-        f"batch {results['batch_size']}, seed {results['seed']}. Loss: mean of the "
+        f"{batch}, seed {results['seed']}. Loss: mean of the "
         f"last {results['smoothing']} training losses. Adam's final loss: "
         f"{_number(target, '.4f')}. Times exclude compilation (its own column) and "
         "test evaluations; the time to Adam's loss is interpolated within a chunk of "

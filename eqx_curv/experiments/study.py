@@ -22,7 +22,15 @@ import eqx_curv
 
 from .data import load_dataset
 from .tinyvit import TinyViT
-from .train import DEFAULT_SIZE, DEFAULTS, MODEL_SIZES, SCHEMA, SMOOTHING
+from .train import (
+    batch_size,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SIZE,
+    DEFAULTS,
+    MODEL_SIZES,
+    SCHEMA,
+    SMOOTHING,
+)
 
 
 class SettingsError(ValueError):
@@ -121,6 +129,7 @@ def make_problem(args: argparse.Namespace) -> Problem:
         np.asarray(data.test_images, np.uint8), np.asarray(data.test_labels, np.int32)
     )
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    # Each row's batch is added to these by `train_optimizer`.
     settings = {
         "dataset": data.name,
         "model": {
@@ -130,7 +139,6 @@ def make_problem(args: argparse.Namespace) -> Problem:
             "dropout": 0.3,
             "parameters": int(num_params),
         },  # fmt: skip
-        "batch_size": args.batch_size,
         "seed": args.seed,
         "devices": args.devices,
         "chunk": args.chunk,
@@ -150,7 +158,7 @@ def make_problem(args: argparse.Namespace) -> Problem:
     )
 
 
-def _programs(name: str, state_static, problem: Problem, batch_size: int):
+def _programs(name: str, state_static, problem: Problem, batch: int):
     """`run_chunk(params, state_arrays, data, key, start, learning_rate, length)`;
     `state_static` completes the optimizer's state.
 
@@ -169,7 +177,7 @@ def _programs(name: str, state_static, problem: Problem, batch_size: int):
         def body(carry, step):
             params, arrays = carry
             batch_key, step_key = jax.random.split(jax.random.fold_in(key, step))
-            index = jax.random.randint(batch_key, (batch_size,), 0, labels.shape[0])
+            index = jax.random.randint(batch_key, (batch,), 0, labels.shape[0])
             x = jnp.take(images, index, axis=0).astype(jnp.float32) / 255
             y = jnp.take(labels, index, axis=0)
             if batch_sharding is not None:
@@ -263,7 +271,8 @@ def train_optimizer(
 ) -> dict:
     """Train a copy of the initial model with optimizer `name`; its result record.
 
-    `learning_rate` replaces the default one; `cache` (a dict kept by the caller)
+    The batch is the row's (`train.batch_size`). `learning_rate` replaces the default
+    one; `cache` (a dict kept by the caller)
     shares compiled chunks between calls for the same optimizer and flags, as a sweep
     over learning rates does. Checkpoints are written after every chunk unless
     `checkpoint` is false.
@@ -271,7 +280,14 @@ def train_optimizer(
     cls, kwargs = DEFAULTS[name]
     if learning_rate is not None:
         kwargs = {**kwargs, "learning_rate": learning_rate}
-    settings = {**problem.settings, "optimizer": name, "class": cls, "kwargs": kwargs}
+    batch = batch_size(name, args.batch_size)
+    settings = {
+        **problem.settings,
+        "batch_size": batch,
+        "optimizer": name,
+        "class": cls,
+        "kwargs": kwargs,
+    }
     params = problem.params
     state_arrays, state_static = eqx.partition(
         make_optimizer(name).init(eqx.combine(params, problem.static)), eqx.is_array
@@ -296,7 +312,7 @@ def train_optimizer(
         params, state_arrays = _replicated(problem.mesh, (params, state_arrays))
     cache = {} if cache is None else cache
     if "programs" not in cache:
-        cache["programs"] = _programs(name, state_static, problem, args.batch_size)
+        cache["programs"] = _programs(name, state_static, problem, batch)
     run_chunk = cache["programs"]
     rate = _replicated(problem.mesh, jnp.asarray(kwargs["learning_rate"], jnp.float32))
     step = progress["step"]
@@ -334,10 +350,10 @@ def train_optimizer(
         bar.update(length)
         bar.set_postfix(loss=f"{float(smoothed(progress['losses'])[-1]):.4f}")
     bar.close()
-    return _record(progress, args.batch_size)
+    return _record(progress)
 
 
-def _record(progress: dict, batch_size: int) -> dict:
+def _record(progress: dict) -> dict:
     losses = np.asarray(progress["losses"], np.float64)
     curve = smoothed(losses)
     wall = progress["chunk_end_wall_s"][-1] if progress["chunk_end_wall_s"] else 0.0
@@ -345,7 +361,7 @@ def _record(progress: dict, batch_size: int) -> dict:
     return {
         "class": progress["settings"]["class"],
         "settings": progress["settings"]["kwargs"],
-        "batch_size": batch_size,
+        "batch_size": progress["settings"]["batch_size"],
         "steps": len(losses),
         "final_loss": float(curve[-1]) if len(curve) else None,
         "test_accuracy": accuracy[-1] if accuracy else None,
@@ -402,6 +418,15 @@ def dumps(results: dict) -> str:
     return json.dumps(clean(results))
 
 
+def describe_batches(names: list[str], flag: int | None) -> str:
+    """'batch 128', or 'batch 128 (gauss-newton: 32)' when the rows' batches differ."""
+    batches = {name: batch_size(name, flag) for name in names}
+    if len(set(batches.values())) <= 1:
+        return f"batch {next(iter(batches.values()), flag)}"
+    others = [f"{n}: {b}" for n, b in batches.items() if b != DEFAULT_BATCH_SIZE]
+    return f"batch {DEFAULT_BATCH_SIZE} ({'; '.join(others)})"
+
+
 def run_study(names: list[str], args: argparse.Namespace) -> dict:
     """Train every optimizer in `names`; write and return `results.json`'s content."""
     problem = make_problem(args)
@@ -411,9 +436,9 @@ def run_study(names: list[str], args: argparse.Namespace) -> dict:
     print(
         f"{problem.settings['dataset']}: {problem.settings['train_examples']} training "
         f"and {problem.settings['test_examples']} test images; TinyViT "
-        f"({model['size']}), {model['parameters']} parameters; batch {args.batch_size}, "
-        f"{args.steps} steps, {jax.device_count()} device(s) visible, "
-        f"{args.devices} used"
+        f"({model['size']}), {model['parameters']} parameters; "
+        f"{describe_batches(names, args.batch_size)}, {args.steps} steps, "
+        f"{jax.device_count()} device(s) visible, {args.devices} used"
     )
     results: dict[str, Any] = {
         "schema": SCHEMA,

@@ -2,9 +2,12 @@ r"""`eqx-curv train`: every network optimizer on one vision transformer, side by
 
 The reference page's protocol: pixels divided by 255, dropout 0.3 on while training,
 batches drawn with replacement, training-loss curves smoothed over 100 steps. Every
-optimizer starts from the same initial model and sees the same batches, dropout masks
-and random draws (each step's key is `fold_in(key, step)`), so the rows differ by the
-optimizer alone.
+optimizer starts from the same initial model; rows of the same batch size see the same
+batches, dropout masks and random draws (each step's key is `fold_in(key, step)`), so
+they differ by the optimizer alone. The batch is 128 for every row and 32 for
+`gauss-newton` and `natural-gradient` (`BATCH_SIZES`; their steps cost about 7 Adam
+steps at 128), unless `--batch-size` sets every row; each row's batch is in the
+results.
 
 The whole step is jitted and the batch is drawn on the device: `lax.scan` runs `--chunk`
 steps per call, with no host synchronisation in between. Each chunk's program is
@@ -12,7 +15,10 @@ compiled ahead of time, and timed apart (`compile_s`); `wall_s` and `steps_per_s
 count the chunks alone (test-set evaluations and checkpoints are not counted either).
 The time at which an optimizer first reaches Adam's final smoothed loss is
 interpolated linearly within the chunk where that step falls (chunks are timed whole,
-after `block_until_ready`).
+after `block_until_ready`). The target is the same for every row whatever its batch:
+a smoothed training loss estimates the expected loss at any batch size (a smaller
+batch only makes it noisier); a row at batch 32 sees a quarter of the examples per
+step, so its step count is not a count of examples, and its run time is what compares.
 
 With `--devices N` the batch is split over a 1-D mesh of N devices along the axis
 `"data"` (the parameters and the data set are replicated) and plain `jax.jit`
@@ -23,16 +29,18 @@ inside `run`.
 Results: `results.json` (schema below), `results.md` (the table, also printed) and
 PNG figures in `--out`. After every chunk a checkpoint is written to
 `--out/checkpoints/<optimizer>/`; `--resume` continues from it and gives the result
-of an uninterrupted run.
+of an uninterrupted run (a row's checkpoint records its batch, and is refused if the
+flags now give the row another).
 
 `results.json`:
 
 ```
-{"schema": "eqx-curv-train/1", "dataset", "model": {...}, "steps", "batch_size",
- "seed", "devices", "chunk", "eval_every", "smoothing": 100,
+{"schema": "eqx-curv-train/1", "dataset", "model": {...}, "steps",
+ "batch_size": int | null (`--batch-size`; null: each row's default), "seed",
+ "devices", "chunk", "eval_every", "smoothing": 100,
  "adam_final_loss": float | null,
  "optimizers": {name: {
-     "class", "settings": {...}, "batch_size", "steps",
+     "class", "settings": {...}, "batch_size" (this row's), "steps",
      "final_loss" (mean of the last 100 losses), "test_accuracy" (at the end),
      "steps_per_s", "wall_s", "compile_s", "skipped_steps",
      "step_to_adam_loss": int | null, "time_to_adam_loss": float | null,
@@ -77,7 +85,7 @@ OPTIMIZER_NAMES = (
 # momentum), with FisherAdam's Levenberg-Marquardt damping (the page's diverges).
 # `adam-true-fisher` differs from `adam` by the sampled-label Fisher alone.
 # `natural-gradient` samples labels (its exact form equals the Gauss-Newton step for
-# these losses). Every row uses the same batch size.
+# these losses).
 DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("SGD", {"learning_rate": 0.03}),
     "adam": ("FisherAdam", {"learning_rate": 3e-3}),
@@ -96,6 +104,30 @@ DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap": ("SOAP", {"learning_rate": 1e-2}),
     "muon": ("Muon", {"learning_rate": 0.02}),
 }
+
+# The batch of each row when `--batch-size` is not given (an explicit `--batch-size N`
+# sets every row):
+#
+# | optimizer                          | batch |
+# | ---------------------------------- | ----- |
+# | gauss-newton, natural-gradient     | 32    |
+# | every other row                    | 128   |
+#
+# A Gauss-Newton or natural-gradient step solves with 10 CG products on the GGN or the
+# Fisher; at batch 128 it costs about 7 Adam steps on the page's TinyViT (a CPU). The
+# reference page ran Gauss-Newton at batch 32, as these rows do: a step sees a quarter
+# of the examples of the other rows', so compare them by run time as well as by step.
+DEFAULT_BATCH_SIZE = 128
+BATCH_SIZES: dict[str, int] = {"gauss-newton": 32, "natural-gradient": 32}
+
+
+def batch_size(name: str, flag: int | None) -> int:
+    """The batch of row `name`: `flag` (`--batch-size`) when given, else the row's
+    default from `BATCH_SIZES` (`DEFAULT_BATCH_SIZE` for the rows not listed)."""
+    if flag is not None:
+        return flag
+    return BATCH_SIZES.get(name, DEFAULT_BATCH_SIZE)
+
 
 # TinyViT configurations: "page" is the reference page's CIFAR-10 model; "small" is
 # the digits default (8x8 images: 2x2 patches, 16 tokens and a class token); "tiny"
@@ -118,7 +150,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated names, or 'all' (default): " + ", ".join(OPTIMIZER_NAMES),
     )
     add("--steps", type=int, default=500, help="training steps per optimizer")
-    add("--batch-size", type=int, default=128, help="examples per step")
+    add(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per step for every optimizer (default: 128, and 32 for "
+        "gauss-newton and natural-gradient)",
+    )
     add("--dataset", choices=("digits", "cifar10"), default="digits")
     add("--data-dir", default=None, help="where CIFAR-10 is (or is downloaded to)")
     add("--model-size", choices=tuple(MODEL_SIZES), default=None,
@@ -154,16 +192,24 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     names = _optimizer_names(args.optimizers)
     for flag in ("steps", "batch_size", "eval_every", "chunk", "devices"):
         value = getattr(args, flag)
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(
                 f"`--{flag.replace('_', '-')}` must be a positive integer, got {value}."
             )
-    if args.batch_size % args.devices:
+    if args.batch_size is not None and args.batch_size % args.devices:
         raise ValueError(
             f"`--batch-size` {args.batch_size} is not divisible by `--devices` "
             f"{args.devices}: each device takes an equal share of the batch. Pass a "
             f"batch size that is a multiple of {args.devices}."
         )
+    for name in names:
+        batch = batch_size(name, args.batch_size)
+        if batch % args.devices:
+            raise ValueError(
+                f"The default batch of {name} ({batch}) is not divisible by "
+                f"`--devices` {args.devices}: each device takes an equal share of the "
+                f"batch. Pass `--batch-size` a multiple of {args.devices}."
+            )
     return names
 
 
