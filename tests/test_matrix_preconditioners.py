@@ -120,7 +120,10 @@ def _shampoo_reference(
     return directions
 
 
-def test_shampoo_equals_dense_eigh_reference_with_blocks_merging_and_every_k():
+@pytest.mark.parametrize("root_method", ["eigh", "newton"])
+def test_shampoo_equals_dense_eigh_reference_with_blocks_merging_and_every_k(
+    root_method,
+):
     import eqx_curv
 
     gradients = _gradients(8)
@@ -136,6 +139,7 @@ def test_shampoo_equals_dense_eigh_reference_with_blocks_merging_and_every_k():
         epsilon=1e-10,
         grafting="none",
         momentum=0.0,
+        root_method=root_method,
     )
     ours, state = _run_optax(opt.as_optax(), gradients)
     # Adam before step 2; then the roots of steps 2, 3 and 6: step t >= 2 uses those
@@ -499,6 +503,8 @@ def test_bad_hyperparameters_are_sentences():
         eqx_curv.SOAP(refresh_every=0)
     with pytest.raises((ValueError, TypeError), match="grafting"):
         eqx_curv.Shampoo(grafting="adagrad")  # pyright: ignore[reportArgumentType]
+    with pytest.raises((ValueError, TypeError), match="root_method"):
+        eqx_curv.Shampoo(root_method="svd")  # pyright: ignore[reportArgumentType]
     with pytest.raises((ValueError, TypeError), match="refresh"):
         eqx_curv.SOAP(refresh="svd")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="`ns_steps` must be a positive"):

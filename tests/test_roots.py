@@ -269,3 +269,52 @@ def test_power_iteration_steps_is_named_and_refuses_bool():
     for bad in (True, 0):  # (a float is refused by the annotation under pytest)
         with pytest.raises(ValueError, match="`power_iteration_steps`"):
             eqx_curv.inverse_pth_root(a, 2, power_iteration_steps=bad)
+
+
+def _eigh_root(matrix, p):
+    from eqx_curv._linalg.roots import ridged_eigh_inverse_pth_root
+
+    return ridged_eigh_inverse_pth_root(matrix, p, 1e-6)
+
+
+_eigh_root_jit = jax.jit(_eigh_root, static_argnums=1)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("cond", [1.0, 1e4, 1e6])
+def test_eigh_root_matches_float64_eigh(cond, p):
+    # Shampoo's CPU path: one float32 eigh, the ridge on the eigenvalues. Its forward
+    # error is that of a backward-stable method, eps * kappa / p, with a constant up
+    # to about 1.5 (4.6% at kappa 5e5, p = 2, where the formula allows 3%): twice
+    # the Newton roots' tolerance, which they meet with a margin of about ten.
+    n = 64
+    matrix = jnp.asarray(spd(n, cond, p), jnp.float32)
+    root, valid = _eigh_root_jit(matrix, p)
+    assert root.dtype == jnp.float32 and bool(valid)
+    a = np.asarray(matrix, np.float64)
+    ridge = 1e-6 * np.linalg.eigvalsh(a)[-1]
+    expected, kappa = eigh_root64(a + ridge * np.eye(n), p)
+    rel = np.linalg.norm(np.asarray(root, np.float64) - expected)
+    rel /= np.linalg.norm(expected)
+    assert rel <= 2 * root_tolerance(jnp.float32, n, kappa, p), (rel, kappa)
+    # And it agrees with the Newton iteration's root to that accuracy.
+    newton = _root(matrix, p)
+    rel = np.linalg.norm(np.asarray(root - newton.root, np.float64))
+    rel /= np.linalg.norm(expected)
+    assert rel <= 2 * root_tolerance(jnp.float32, n, kappa, p), (rel, kappa)
+
+
+def test_eigh_root_flags_what_has_no_root():
+    # Non-finite input and a zero matrix (no eigenvalue to take a ridge from): not
+    # valid, and all NaN. A PSD matrix with rounding-negative eigenvalues is fine.
+    for bad in (jnp.full((4, 4), jnp.nan, jnp.float32), jnp.zeros((4, 4), jnp.float32)):
+        root, valid = _eigh_root_jit(bad, 4)
+        assert not bool(valid) and np.isnan(np.asarray(root)).all()
+    v = jnp.asarray([[1.0, 1.0, 1.0, 0.0]], jnp.float32)
+    root, valid = _eigh_root_jit(v.T @ v, 4)  # rank one: eigenvalues 3, 0, 0, 0
+    assert bool(valid) and np.isfinite(np.asarray(root)).all()
+    np.testing.assert_allclose(
+        np.linalg.eigvalsh(np.asarray(root, np.float64)).max(),
+        (3e-6) ** -0.25,
+        rtol=1e-3,
+    )

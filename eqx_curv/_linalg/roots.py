@@ -294,6 +294,45 @@ def eigh_inverse_pth_root(
     return matmul(q * scale[None, :], q.T).astype(dtype), positive
 
 
+def ridged_eigh_inverse_pth_root(
+    matrix: Float[ArrayLike, "n n"], p: int, ridge_epsilon: Real[ArrayLike, ""]
+) -> tuple[Float[Array, "n n"], Bool[Array, ""]]:
+    r"""$(A + \epsilon \lambda_{\max} I)^{-1/p}$ of a PSD matrix from one eigendecomposition.
+
+    The ridge of [`eqx_curv.inverse_pth_root`][], with $\lambda_{\max}$ the largest
+    computed eigenvalue, applied to the eigenvalues: $Q \operatorname{diag}\big(
+    (\max(w, 0) + \epsilon w_{\max})^{-1/p}\big) Q^\top$. Eigenvalues below zero
+    are the decomposition's rounding of a PSD matrix (a float32 one is accurate to
+    about $\text{eps}\,\lambda_{\max}$, the size of a $10^{-6}$ ridge) and count as
+    zero. One `eigh` costs about $10 n^3$ flops, against four to six products of
+    $2 n^3$ per Newton step and 15-20 steps at condition numbers near
+    $1/\epsilon$; its forward error is that of a backward-stable method,
+    $\text{eps}\,\kappa / p$ relative (about 1% in float32 at $\kappa = 10^6$),
+    where the Newton iteration's is about ten times smaller.
+
+    Returns the root (all NaN when not valid) and whether it is valid: a finite
+    input with a positive largest eigenvalue, and a finite result. Not
+    differentiated.
+    """
+    matrix = check_matrix(matrix)
+    _check_p(p)
+    ridge_epsilon = check_ridge_epsilon(ridge_epsilon)
+    in_dtype = matrix.dtype
+    dtype = compute_dtype(in_dtype)
+    matrix = matrix.astype(dtype)
+    finite_input = jnp.isfinite(matrix).all()
+    matrix = jnp.where(finite_input, matrix, jnp.eye(matrix.shape[0], dtype=dtype))
+    w, q = jnp.linalg.eigh(matrix)
+    w_max = w[-1]
+    if not isinstance(ridge_epsilon, (int, float)):
+        ridge_epsilon = ridge_epsilon.astype(dtype)
+    ridged = jnp.maximum(w, 0) + ridge_epsilon * w_max
+    scale = jnp.where(ridged > 0, ridged, 1) ** (-1.0 / p)
+    root = matmul(q * scale[None, :], q.T)
+    valid = finite_input & (w_max > 0) & jnp.isfinite(root).all()
+    return jnp.where(valid, root, jnp.nan).astype(in_dtype), valid
+
+
 def inverse_pth_root(
     matrix: Float[ArrayLike, "n n"],
     p: int,
