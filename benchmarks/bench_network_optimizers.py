@@ -25,6 +25,14 @@ affects every row alike, and the median is reported. Columns:
     - `GN k`: one linearisation of the batched model, the gradient through its
         transpose, and k linearised GGN products `J^T H J v + lambda v` (Gauss-Newton
         with k CG steps).
+    - `grad+Shampoo`: the gradient and, for every matrix parameter `G` (`[m, n]`, a
+        convolution kernel's input dimensions merged), the statistics' averages
+        `L <- b L + (1 - b) G G^T`, `R <- b R + (1 - b) G^T G` and the two products of
+        the roots `A G B` (A, B stand-ins of the roots' shapes): `4 m n (m + n)` FLOPs
+        a matrix. Vectors are left out (a lower bound).
+    - `grad+SOAP`: the same statistics, the rotation of the gradient into the
+        eigenbasis `Q_L^T G Q_R` and of an elementwise function of it back out
+        (`Q_L N Q_R^T`): `6 m n (m + n)` FLOPs a matrix.
 - `vs floor`: step time over its floor's time.
 
 Optimizers with work every k steps (K-FAC's inverses, Shampoo's roots, SOAP's basis)
@@ -33,6 +41,8 @@ mean of the steps at counts k, ..., 2k - 1 for k <= 10 (one refresh among them),
 for k > 10 the mean at counts k + 1, ..., k + 10 plus (t(k) - t(k + 1)) / k, the
 refresh spread over its period. `--only` selects rows by a substring of their names
 (the anchors and SGD always run); compiling Shampoo and SOAP on TinyViT takes minutes.
+For the Shampoo and SOAP floors the FLOPs of their per-step products are printed
+against the gradient's (XLA's cost analysis of the `grad` floor).
 
 The targets of the issue that introduced this benchmark are printed at the end, each
 with the measured value and `met` / `NOT met`.
@@ -121,11 +131,21 @@ def _rows(
             "full",
         ),
         *[
-            (f"Shampoo, roots every {k}", eqx_curv.Shampoo(root_every=k), None, "full")
+            (
+                f"Shampoo, roots every {k}",
+                eqx_curv.Shampoo(root_every=k),
+                "grad+Shampoo",
+                "full",
+            )
             for k in (1, 10, 100)
         ],
         *[
-            (f"SOAP, basis every {k}", eqx_curv.SOAP(refresh_every=k), None, "full")
+            (
+                f"SOAP, basis every {k}",
+                eqx_curv.SOAP(refresh_every=k),
+                "grad+SOAP",
+                "full",
+            )
             for k in (1, 10, 100)
         ],
         ("Muon", eqx_curv.Muon(), "grad", "full"),
@@ -152,6 +172,42 @@ def _amortised(period: int, times: dict[int, float]) -> float:
         return statistics.mean(times[c] for c in _cycle(period))
     plain = statistics.mean(times[c] for c in range(period + 1, period + 11))
     return plain + (times[period] - times[period + 1]) / period
+
+
+def matrix_shapes(params) -> list[tuple[int, int] | None]:
+    """Per parameter leaf, `[rows, columns]` of its matrix (a kernel's input
+    dimensions merged: `(128, 3, 8, 8)` is `[128, 192]`), or `None` for a vector."""
+    shapes = []
+    for leaf in jax.tree.leaves(params):
+        rows, columns = leaf.shape[0], leaf.size // max(leaf.shape[0], 1)
+        ok = leaf.ndim >= 2 and rows > 1 and columns > 1
+        shapes.append((rows, columns) if ok else None)
+    return shapes
+
+
+def factor_stand_ins(params, seed: int = 0):
+    """Per matrix leaf `(L, R, A, B)`: statistics and stand-ins of the roots (or of the
+    eigenbases) of their shapes, as arguments, so that nothing is constant-folded."""
+    out = []
+    key = jax.random.key(seed)
+    for shape in matrix_shapes(params):
+        if shape is None:
+            continue
+        m, n = shape
+        key, ka, kb = jax.random.split(key, 3)
+        a = jax.random.normal(ka, (m, m)) / m**0.5
+        b = jax.random.normal(kb, (n, n)) / n**0.5
+        out.append((jnp.eye(m), jnp.eye(n), a, b))
+    return out
+
+
+def matrix_product_flops(params, products_per_side: int) -> int:
+    """`products_per_side * 2 m n (m + n)`: `G G^T` and `G^T G` (one per side), or
+    one product by an `m x m` and one by an `n x n` matrix (one per side)."""
+    return sum(
+        products_per_side * 2 * m * n * (m + n)
+        for m, n in filter(None, matrix_shapes(params))
+    )
 
 
 def make_floors(static, loss, cg_steps: int, damping: float):
@@ -211,7 +267,57 @@ def make_floors(static, loss, cg_steps: int, damping: float):
         moved = jax.tree.map(lambda p, u: p - 1e-3 * u, params, d)
         return value, d, loss(batched(moved, x), y)
 
+    highest = jax.lax.Precision.HIGHEST
+    beta = 0.999
+
+    def matrices_of(params, g):
+        shapes = matrix_shapes(params)
+        return [
+            x.reshape(shape)
+            for x, shape in zip(jax.tree.leaves(g), shapes)
+            if shape is not None
+        ]
+
+    def statistics(gm, left, right):
+        gram_left = jnp.matmul(gm, gm.T, precision=highest)
+        gram_right = jnp.matmul(gm.T, gm, precision=highest)
+        return (
+            beta * left + (1 - beta) * gram_left,
+            beta * right + (1 - beta) * gram_right,
+        )
+
+    def shampoo_passes(params, x, y, z, key, factors):
+        # Per matrix: both statistics' averages and the two products of the roots.
+        value, g = grad(params, x, y, z, key)
+        out = []
+        for gm, (left, right, a, b) in zip(matrices_of(params, g), factors):
+            stats = statistics(gm, left, right)
+            step = jnp.matmul(
+                jnp.matmul(a, gm, precision=highest), b, precision=highest
+            )
+            out.append((stats, step))
+        return value, g, out
+
+    def soap_passes(params, x, y, z, key, factors):
+        # Per matrix: the statistics, the gradient into the eigenbasis, an
+        # elementwise function of it (Adam's division's stand-in) back out.
+        value, g = grad(params, x, y, z, key)
+        out = []
+        for gm, (left, right, a, b) in zip(matrices_of(params, g), factors):
+            stats = statistics(gm, left, right)
+            rotated = jnp.matmul(
+                jnp.matmul(a.T, gm, precision=highest), b, precision=highest
+            )
+            n = rotated / (jnp.abs(rotated) + 1e-8)
+            back = jnp.matmul(
+                jnp.matmul(a, n, precision=highest), b.T, precision=highest
+            )
+            out.append((stats, back))
+        return value, g, out
+
     return {
+        "grad+Shampoo": shampoo_passes,
+        "grad+SOAP": soap_passes,
         "grad": grad,
         "grad+fwd": grad_forward,
         f"GN {cg_steps}+fwd": gauss_newton_forward,
@@ -276,9 +382,13 @@ def main():
     for _, _, floor, batch in rows:
         if floor is not None:
             floor_batch.setdefault(floor, batch)
+    # The Shampoo and SOAP floors take stand-ins of their statistics and factors.
+    extra = {f: (factor_stand_ins(params),) for f in ("grad+Shampoo", "grad+SOAP")}
     for floor, batch in floor_batch.items():
         x, y = batches[batch]
-        calls[("floor", floor)] = _compiled(floors[floor], params, x, y, z, kstep)
+        calls[("floor", floor)] = _compiled(
+            floors[floor], params, x, y, z, kstep, *extra.get(floor, ())
+        )
 
     def adam_step(params, state, x, y):
         value, g = jax.value_and_grad(
@@ -371,7 +481,7 @@ def main():
         if name in names
     ]
     for name, _, floor, _ in rows:
-        if floor is not None and floor != "grad":
+        if floor is not None and floor not in ("grad", "grad+Shampoo", "grad+SOAP"):
             targets.append(
                 (f"{name} / its floor", over(name, ms[("floor", floor)]), 1.15)
             )
@@ -379,6 +489,30 @@ def main():
     for label, value, bound in targets:
         verdict = "met" if value <= bound else "NOT met"
         print(f"target {label}: {value:.2f} <= {bound} {verdict}")
+    x, y = batches["full"]
+    print_matrix_floors(rows, ms, params, x, y, z, kstep, floors, adam_ms)
+
+
+def print_matrix_floors(rows, ms, params, x, y, z, key, floors, adam_ms):
+    """The Shampoo and SOAP floors against Adam, and their products' FLOPs against
+    the gradient's."""
+    used = {floor for _, _, floor, _ in rows if floor in ("grad+Shampoo", "grad+SOAP")}
+    if not used:
+        return
+    lowered = jax.jit(lambda p: floors["grad"](p, x, y, z, key)).lower(params)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    grad_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    print(f"\nthe gradient (value_and_grad): {grad_flops / 1e9:.2f} GFLOP (XLA)")
+    for floor, per_side in (("grad+Shampoo", 2), ("grad+SOAP", 3)):
+        if floor not in used:
+            continue
+        flops = matrix_product_flops(params, per_side)
+        print(
+            f"{floor}: {ms[('floor', floor)] / adam_ms:.2f}x optax.adam; its "
+            f"per-step matrix products {flops / 1e9:.2f} GFLOP, "
+            f"{flops / grad_flops:.0%} of the gradient's"
+        )
 
 
 if __name__ == "__main__":
