@@ -271,6 +271,30 @@ def test_soap_is_adam_in_the_eigenbasis(refresh):
             )
 
 
+def _products_outside_conditionals(jaxpr) -> int:
+    """The matrix products of a jaxpr, inner `jit`s included, `cond` branches not."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            count += 1
+        elif eqn.primitive.name in ("jit", "pjit"):
+            count += _products_outside_conditionals(eqn.params["jaxpr"].jaxpr)
+    return count
+
+
+def test_soap_step_rotates_only_the_gradient_in_and_the_step_out():
+    # Structural: outside the refresh's `lax.cond`, a SOAP step on one matrix makes
+    # six products: the two statistics, the gradient into the basis (two sides) and
+    # the normalised step out of it (two sides). With the first moment kept in
+    # parameter space it also rotated M in at every step: eight.
+    import eqx_curv
+
+    tx = eqx_curv.SOAP().as_optax()
+    params = {"w": jnp.ones((5, 6)), "b": jnp.ones(3)}
+    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+    assert _products_outside_conditionals(jaxpr.jaxpr) == 6
+
+
 # ---------------------------------------------------------------------------------------
 # Muon.
 

@@ -44,7 +44,7 @@ _Factors = tuple[Array | None, ...] | None  # per dimension (None: not rotated)
 class _SOAPStats(eqx.Module):
     statistics: tuple[_Factors, ...]  # L_i per leaf, [1, s, s] (None: a vector)
     bases: tuple[_Factors, ...]  # Q_i, eigenvectors of L_i, largest eigenvalue first
-    first: tuple[Array, ...]  # M, Adam's first moment, in parameter space
+    first: tuple[Array, ...]  # M, Adam's first moment, in the rotated space
     second: tuple[Array, ...]  # V, Adam's second moment, in the rotated space
 
 
@@ -156,13 +156,14 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                     None if s is None else jnp.eye(s, dtype=dtype)[None] for s in sides
                 )
             )
-        first = tuple(jnp.zeros_like(x) for x in leaves)
+        first = tuple(jnp.zeros(x.shape, accumulation_dtype(x)) for x in leaves)
         second = tuple(jnp.zeros(x.shape, accumulation_dtype(x)) for x in leaves)
         return _SOAPStats(tuple(statistics), tuple(bases), first, second)
 
-    def _refresh(self, statistics, bases, second, layouts, first_time):
-        """New bases from the statistics; V follows the sort of the columns. Also
-        the number of eigendecompositions recomputed in float64 (`eigh_retry`)."""
+    def _refresh(self, statistics, bases, second, first, layouts, first_time):
+        """New bases from the statistics; V follows the sort of the columns, M is
+        rotated into the new basis. Also the number of eigendecompositions
+        recomputed in float64 (`eigh_retry`)."""
         items = [
             ((f.shape[-1], f.dtype), (f, q))
             for stats, qs in zip(statistics, bases)
@@ -199,19 +200,26 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
             jnp.zeros((), jnp.int32),
         )
         results = iter(results)
-        new_bases, new_second = [], []
-        for stats, qs, v, layout in zip(statistics, bases, second, layouts):
+        new_bases, new_second, new_first = [], [], []
+        for stats, qs, v, m, layout in zip(statistics, bases, second, first, layouts):
             if stats is None or qs is None or layout is None:
                 new_bases.append(qs)
                 new_second.append(v)
+                new_first.append(m)
                 continue
             v_blocks = to_blocks(v, layout)
+            # M back to parameter space with the old bases (into the new ones below).
+            m_blocks = to_blocks(m, layout)
+            for axis, q in enumerate(qs):
+                if q is not None:
+                    m_blocks = mode_product(m_blocks, q, axis)
             factors = []
             for axis, (f, q) in enumerate(zip(stats, qs)):
                 if f is None or q is None:
                     factors.append(q)
                     continue
                 q, order, _ = next(results)
+                m_blocks = mode_product(m_blocks, q, axis, transpose=True)
                 # Permute V along this axis as the columns of Q were sorted.
                 shape = [1] * v_blocks.ndim
                 shape[0], shape[axis + 1] = order.shape
@@ -221,7 +229,8 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                 factors.append(q)
             new_bases.append(tuple(factors))
             new_second.append(from_blocks(v_blocks, layout))
-        return tuple(new_bases), tuple(new_second), retries
+            new_first.append(from_blocks(m_blocks, layout))
+        return tuple(new_bases), tuple(new_second), tuple(new_first), retries
 
     # -- the protocol --------------------------------------------------------------
 
@@ -243,7 +252,6 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
         layouts = [_layout(g) for g in g_leaves]
         t = count + 1
 
-        first = tuple(ema(self.momentum, m, g) for m, g in zip(stats.first, g_leaves))
         statistics = []
         for g, layout, old in zip(g_leaves, layouts, stats.statistics):
             if layout is None or old is None:
@@ -261,13 +269,14 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
         # The basis from the statistics that include this gradient: a full eigh at
         # step 0, then every `refresh_every` steps one power step and a QR.
         refresh = count % self.refresh_every == 0
-        bases, second, retries = jax.lax.cond(
+        bases, second, first, retries = jax.lax.cond(
             refresh,
-            lambda s, q, v: self._refresh(s, q, v, layouts, count == 0),
-            lambda s, q, v: (q, v, jnp.zeros((), jnp.int32)),
+            lambda s, q, v, m: self._refresh(s, q, v, m, layouts, count == 0),
+            lambda s, q, v, m: (q, v, m, jnp.zeros((), jnp.int32)),
             statistics,
             stats.bases,
             stats.second,
+            stats.first,
         )
 
         def rotate(x, layout, qs, back):
@@ -277,15 +286,19 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
                     blocks = mode_product(blocks, q, axis, transpose=not back)
             return from_blocks(blocks, layout)
 
-        new_second, updates = [], []
+        # M and V live in the rotated space: the gradient is the only thing rotated
+        # in at every step, and the normalised step the only thing rotated out.
+        new_first, new_second, updates = [], [], []
         for g, m, v, p, layout, qs in zip(
             g_leaves, first, second, p_leaves, layouts, bases
         ):
             dtype = v.dtype
-            g, m = g.astype(dtype), m.astype(dtype)
+            g = g.astype(dtype)
             if layout is not None and qs is not None:
-                g, m = rotate(g, layout, qs, False), rotate(m, layout, qs, False)
+                g = rotate(g, layout, qs, False)
+            m = ema(self.momentum, m, g)
             v = ema(self.decay, v, jnp.square(g))
+            new_first.append(m)
             new_second.append(v)
             m_hat = m / bias_correction(self.momentum, t, dtype)
             n = adam_ratio(
@@ -300,7 +313,7 @@ class AbstractSOAP(AbstractGradientOptimizer[_SOAPStats]):
             else:
                 updates.append(-lr * (n + cast_like(self.weight_decay, p) * p))
 
-        new_stats = _SOAPStats(statistics, bases, first, tuple(new_second))
+        new_stats = _SOAPStats(statistics, bases, tuple(new_first), tuple(new_second))
         info = {"basis_refreshed": refresh}
         if self.eigh_retry:
             info["eigh_retries"] = retries
@@ -323,8 +336,11 @@ class SOAP(AbstractSOAP):
     $$N_t = \frac{R(M_t) / (1 - \beta_1^t)}{\sqrt{V_t / (1 - \beta_2^t)} + \epsilon},
     \qquad \theta_{t+1} = \theta_t - \eta_t \big(R^{-1}(N_t) + \lambda \theta_t\big).$$
 
-    $M$ lives in parameter space and is rotated every step; $V$ lives in the rotated
-    space. For a matrix, Shampoo's $L^{-1/4} G R^{-1/4}$ is this update with Adam's
+    $M$ and $V$ are kept in the rotated space ($R(M_t) = \beta_1 R(M_{t-1}) +
+    (1 - \beta_1) R(G_t)$ while the basis stays), so that a step rotates the gradient
+    in and the normalised step out, and nothing else; when the basis changes, $M$ is
+    rotated back with the old $Q_i$ and into the new ones (exactly the $M$ of the
+    formula above). For a matrix, Shampoo's $L^{-1/4} G R^{-1/4}$ is this update with Adam's
     $V$ replaced by the products of the eigenvalues of $L$ and $R$; SOAP keeps an
     Adam second moment per rotated coordinate instead, which tracks the diagonal of
     the rotated Fisher between refreshes of the basis.
