@@ -49,7 +49,7 @@ def _optimizers():
         "Adam (defaults)": eqx_curv.FisherAdam(),
         "Adam (lr 1e-2)": eqx_curv.FisherAdam(learning_rate=1e-2),
         "K-FAC (defaults)": eqx_curv.KFAC(),
-        "K-FAC (adaptive_every=5)": eqx_curv.KFAC(adaptive_every=5),
+        "K-FAC (model every step)": eqx_curv.KFAC(adaptive_every=1, statistics_every=1),
     }
 
 

@@ -713,35 +713,79 @@ def test_statistics_every_k_steps_and_on_a_sub_batch():
         eqx_curv.KFAC(statistics_every=0)
 
 
+def test_steps_between_model_steps_stay_in_the_model_steps_trust_region():
+    # A step between two quadratic-model steps reuses the model step's alpha but
+    # takes no larger a step in the K-FAC norm (-alpha^2 g.Delta) than it did: a
+    # batch with a larger gradient (here: wrong labels) is cut to the boundary.
+    # Without the cut such steps blew up runs on digits once the loss was small.
+    from models import make_problem, NUM_OUTPUTS
+
+    import eqx_curv
+
+    model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(7))
+    wrong = (y + 1) % NUM_OUTPUTS
+    opt = eqx_curv.KFAC(
+        adaptive_every=2, statistics_every=1, fisher_type="empirical", max_kl=None
+    )
+    state = opt.init(model)
+    step = eqx.filter_jit(opt.step)
+    model, state, first = step(model, state, loss, x, y)
+    bound = float(state.stats.coefficients[2])
+    before = model
+    model, state, info = step(model, state, loss, x, wrong)
+    g = _ravel(eqx.filter_grad(lambda m: loss(jax.vmap(m)(x), wrong))(before))
+    u = _ravel(eqx.filter(model, eqx.is_inexact_array))
+    u = u - _ravel(eqx.filter(before, eqx.is_inexact_array))
+    alpha = float(info.stats["alpha"])
+    assert 0 < alpha < float(first.stats["alpha"])
+    np.testing.assert_allclose(-alpha * float(g @ u), bound, rtol=1e-5)
+
+
 def test_adaptive_every_reuses_alpha_between_quadratic_model_steps():
     # The quadratic model on counts 0 and 3 only: there (alpha, mu) are the exact
     # model's (bitwise those of `adaptive_every=1` on the first step); on counts 1
-    # and 2 alpha is the last model step's, bitwise, with no momentum, no predicted
-    # change and no damping judgement (judged every lcm(5, 3) = 15 steps).
+    # and 2 alpha is the last model step's, bitwise, unless the trust region cut it
+    # (below), with no momentum, no predicted change and no damping judgement
+    # (judged every lcm(5, 3) = 15 steps).
     from models import make_problem
 
     import eqx_curv
 
     model, loss, x, y = make_problem("mlp", "softmax", jax.random.key(7))
     kwargs = dict(fisher_type="empirical", max_kl=None)
-    opt = eqx_curv.KFAC(adaptive_every=3, **kwargs)
-    every_step = eqx_curv.KFAC(**kwargs)
+    opt = eqx_curv.KFAC(adaptive_every=3, statistics_every=1, **kwargs)
+    every_step = eqx_curv.KFAC(adaptive_every=1, statistics_every=1, **kwargs)
     _, _, reference = eqx.filter_jit(every_step.step)(
         model, every_step.init(model), loss, x, y
     )
     state = opt.init(model)
     step = eqx.filter_jit(opt.step)
-    infos = []
+    infos, norms = [], []
+    bound = None
     for _ in range(4):
         before, previous = model, _ravel(state.stats.previous)
         model, state, info = step(model, state, loss, x, y)
         infos.append(info.stats)
         assert not bool(info.skipped)
+        if bound is None:
+            bound = float(state.stats.coefficients[2])
+        # The step's K-FAC norm^2 -alpha g.u (u = alpha Delta on the steps in
+        # between).
+        g = _ravel(eqx.filter_grad(lambda m: loss(jax.vmap(m)(x), y))(before))
+        u = _ravel(eqx.filter(model, eqx.is_inexact_array))
+        u = u - _ravel(eqx.filter(before, eqx.is_inexact_array))
+        norms.append(-float(info.stats["alpha"]) * float(g @ u))
     for name in ("alpha", "momentum", "predicted_change"):
         assert np.array_equal(infos[0][name], reference.stats[name]), name
     assert [bool(i["adapt_damping"]) for i in infos] == [True, False, False, False]
-    for i in infos[1:3]:
-        assert np.array_equal(i["alpha"], infos[0]["alpha"])
+    assert bound > 0
+    for i, norm in zip(infos[1:3], norms[1:3]):
+        # Within the trust region of the model step; alpha is the model step's
+        # unless the region cut it, and then the step lies on its boundary.
+        assert norm <= bound * (1 + 1e-6), (norm, bound)
+        if not np.array_equal(i["alpha"], infos[0]["alpha"]):
+            assert 0 < float(i["alpha"]) < float(infos[0]["alpha"])
+            np.testing.assert_allclose(norm, bound, rtol=1e-5)
         assert float(i["momentum"]) == 0.0
         assert bool(jnp.isnan(i["predicted_change"]))
     # Count 3 runs the model again: new coefficients, stored for the next steps.
