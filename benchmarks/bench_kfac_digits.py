@@ -10,7 +10,12 @@ defaults). Run from the repository root:
 ```
 python benchmarks/bench_kfac_digits.py [--seeds 3] [--max-steps 2000]
 python benchmarks/bench_kfac_digits.py --tinyvit   # K-FAC step time vs Adam
+python benchmarks/bench_kfac_digits.py --schedules --max-steps 1000
 ```
+
+`--schedules` trains K-FAC with the quadratic model and the statistics every step,
+every 5 and every 10 (the default) steps, and prints the steps to losses of 1e-2,
+1e-3 and 1e-4 and the largest full training loss after first reaching 1e-2.
 
 `--tinyvit` times K-FAC (inverses every 1, 10 and 100 steps) against FisherAdam
 (Adam) on the library's TinyViT at batch 128 (no dropout): 100 steps each, in
@@ -159,6 +164,7 @@ def run_tinyvit(rounds: int = 10, steps: int = 10) -> None:
         "K-FAC, inverses every 1": eqx_curv.KFAC(inverse_every=1),
         "K-FAC, inverses every 10": eqx_curv.KFAC(inverse_every=10),
         "K-FAC, inverses every 100": eqx_curv.KFAC(inverse_every=100),
+        "K-FAC, model every step": eqx_curv.KFAC(adaptive_every=1, statistics_every=1),
     }
     params, static = eqx.partition(model, eqx.is_array)
     runs = {}
@@ -201,13 +207,68 @@ def run_tinyvit(rounds: int = 10, steps: int = 10) -> None:
         print(f"| {name} | {1000 * mean:.0f} | {mean / adam:.2f}x |")
 
 
+def run_schedules(seeds: int, max_steps: int, batch: int = 128) -> None:
+    """K-FAC's schedules on digits: steps to 1e-2, 1e-3 and 1e-4, and the largest
+    full training loss after first reaching 1e-2 (a blow-up shows there)."""
+    inputs, labels = (jnp.asarray(a) for a in digits())
+    loss = eqx_curv.SoftmaxCrossEntropy()
+    schedules = {
+        "model and statistics every step": eqx_curv.KFAC(
+            adaptive_every=1, statistics_every=1
+        ),
+        "model every 5": eqx_curv.KFAC(adaptive_every=5, statistics_every=1),
+        "model every 5, statistics every 2": eqx_curv.KFAC(adaptive_every=5),
+        "model every 10, statistics every 2 (default)": eqx_curv.KFAC(),
+    }
+    print(f"digits, MLP 64-256-256-10 tanh, batch {batch}, {max_steps} steps")
+    print("| schedule | steps to 1e-2 | to 1e-3 | to 1e-4 | largest loss after 1e-2 |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, opt in schedules.items():
+        hits = {t: [] for t in (1e-2, 1e-3, 1e-4)}
+        largest = []
+        for seed in range(seeds):
+            model = eqx.nn.MLP(
+                64, 10, 256, 2, jnp.tanh, key=jax.random.key(seed), dtype=jnp.float32
+            )
+            params, static = eqx.partition(model, eqx.is_array)
+            chunk, full_loss = _chunk_fn(opt, static, inputs, labels, loss, batch)
+            state = opt.init(model)
+            key = jax.random.fold_in(jax.random.key(1), seed)
+            reached: dict[float, int] = {}
+            after = []
+            for steps in range(CHUNK, max_steps + 1, CHUNK):
+                key, sub = jax.random.split(key)
+                params, state, _ = chunk(params, state, sub)
+                value = float(full_loss(params))
+                if 1e-2 in reached:
+                    after.append(value)
+                for target in hits:
+                    if value <= target:
+                        reached.setdefault(target, steps)
+            for target in hits:
+                hits[target].append(reached.get(target))
+            largest.append(max(after) if after else None)
+
+        def show(values, fmt="{}"):
+            return ", ".join("-" if v is None else fmt.format(v) for v in values)
+
+        print(
+            f"| {name} | {show(hits[1e-2])} | {show(hits[1e-3])} | "
+            f"{show(hits[1e-4])} | {show(largest, '{:.2g}')} |",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--tinyvit", action="store_true")
+    parser.add_argument("--schedules", action="store_true")
     args = parser.parse_args()
     if args.tinyvit:
         run_tinyvit()
+    elif args.schedules:
+        run_schedules(args.seeds, args.max_steps)
     else:
         run_digits(args.seeds, args.max_steps)

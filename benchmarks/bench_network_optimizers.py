@@ -40,11 +40,12 @@ affects every row alike, and the median is reported. Columns:
         (`Q_L N Q_R^T`): `6 m n (m + n)` FLOPs a matrix.
 - `vs floor`: step time over its floor's time.
 
-Optimizers with work every k steps (K-FAC's inverses, Shampoo's roots, SOAP's basis)
-are timed over a cycle of step counts, since the count decides what a step does: the
-mean of the steps at counts k, ..., 2k - 1 for k <= 10 (one refresh among them), and
-for k > 10 the mean at counts k + 1, ..., k + 10 plus (t(k) - t(k + 1)) / k, the
-refresh spread over its period. `--only` selects rows by a substring of their names
+Optimizers with work every k steps (K-FAC's inverses, Shampoo's roots, SOAP's basis;
+for K-FAC k is the least common multiple of its inverses', quadratic model's,
+statistics' and damping's periods) are timed over a cycle of step counts, since the
+count decides what a step does: the mean of the steps at counts k, ..., 2k - 1 for
+k <= 10 (one refresh among them), and for k > 10 the mean at counts k + 1, ..., k + 10
+plus (t(k) - t(k + 10)) / k, the refresh spread over its period. `--only` selects rows by a substring of their names
 (the anchors and SGD always run); compiling Shampoo and SOAP on TinyViT takes minutes.
 For the Shampoo and SOAP floors the FLOPs of their per-step products are printed
 against the gradient's (XLA's cost analysis of the `grad` floor).
@@ -55,6 +56,7 @@ with the measured value and `met` / `NOT met`.
 
 import argparse
 import functools
+import math
 import os
 import statistics
 
@@ -166,6 +168,15 @@ KFAC_AMORTISED = "kfac-sched"
 
 def _period(opt) -> int | None:
     """Every how many steps the optimizer does its amortised work (None: never)."""
+    if isinstance(opt, eqx_curv.KFAC):
+        # Its inverses, quadratic model, statistics and damping judgement: the
+        # cycle covers every schedule (with inverses every step, counts 10 to 19).
+        return math.lcm(
+            opt.inverse_every,
+            opt.adaptive_every,
+            opt.statistics_every,
+            opt.damping_every,
+        )
     for field in ("inverse_every", "root_every", "refresh_every"):
         if hasattr(opt, field):
             return getattr(opt, field)
@@ -182,8 +193,11 @@ def _cycle(period: int) -> list[int]:
 def _amortised(period: int, times: dict[int, float]) -> float:
     if period <= 10:
         return statistics.mean(times[c] for c in _cycle(period))
+    # Counts period + 1, ..., period + 10: one cycle of K-FAC's other schedules
+    # (every 10 steps at most); the refresh's own cost is count `period` over count
+    # `period + 10`, which does everything else that count `period` does.
     plain = statistics.mean(times[c] for c in range(period + 1, period + 11))
-    return plain + (times[period] - times[period + 1]) / period
+    return plain + (times[period] - times[period + 10]) / period
 
 
 def matrix_shapes(params) -> list[tuple[int, int] | None]:
