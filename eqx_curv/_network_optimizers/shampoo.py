@@ -191,9 +191,7 @@ class AbstractShampoo(AbstractGradientOptimizer[_ShampooStats]):
             epsilon = self.epsilon
             if self._root_method() == "eigh":
                 root, valid = map_matrices(
-                    lambda m: ridged_eigh_inverse_pth_root(m, p, epsilon),
-                    matrices,
-                    batched=True,
+                    lambda m: ridged_eigh_inverse_pth_root(m, p, epsilon), matrices
                 )
             else:
                 result = map_matrices(
@@ -305,7 +303,10 @@ class AbstractShampoo(AbstractGradientOptimizer[_ShampooStats]):
                 scale = jnp.where(norm > 0, target / safe, 0)
                 blocks = blocks * scale.reshape((-1,) + (1,) * (blocks.ndim - 1))
             shampoo = from_blocks(blocks, layout).astype(g.dtype)
-            directions.append(jnp.where(preconditioned, shampoo, d.astype(g.dtype)))
+            if start == 0:  # every step is preconditioned: no select to pay for
+                directions.append(shampoo)
+            else:
+                directions.append(jnp.where(preconditioned, shampoo, d.astype(g.dtype)))
 
         if stats.momentum is None:
             momentum = None
