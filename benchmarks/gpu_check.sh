@@ -40,6 +40,9 @@ DEADLINE=${DEADLINE:-540}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 QUICK=${EQX_CURV_QUICK:-0}
 export EQX_CURV_QUICK=$QUICK PYTHONUNBUFFERED=1
+# The property tests compile with XLA's optimisations on here (the default suite turns
+# most of them off to save compile time; tests/conftest.py).
+export EQX_CURV_TEST_OPTIMIZED=1
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"

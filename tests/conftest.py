@@ -6,8 +6,21 @@ pytest plugin installs its import hook before conftest files are loaded, so the 
 is still type-checked.
 """
 
+import os
+
 import jax
 import pytest
+
+
+# XLA's compile-time optimisations mostly off: the tests' programs are tiny, so most
+# of the suite's time is compilation, and this cuts its CPU time by about a third
+# (the programs compute the same values; the benchmarks, the train command and user
+# code keep the optimisations). The environment variable reaches the tests'
+# subprocesses (the CLI runs, the forced-device cases). EQX_CURV_TEST_OPTIMIZED=1
+# keeps them on (the GPU check does).
+if os.environ.get("EQX_CURV_TEST_OPTIMIZED", "0") != "1":
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 # Float64 dense oracles need x64; tests that exercise float32 say so explicitly.
