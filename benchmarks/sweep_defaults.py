@@ -80,9 +80,25 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--subset", type=int, default=None, help="training images kept (CIFAR-10)"
     )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=RATE,RATE",
+        help="learning rates tried for optimizer NAME instead of its grid (repeatable)",
+    )
     parser.set_defaults(steps=400, no_progress=True, out="sweep-results")
     args = parser.parse_args(argv)
     names = train._check_arguments(args)
+    grids = dict(GRIDS)
+    for spec in args.grid:
+        name, _, rates = spec.partition("=")
+        if name not in grids or not rates:
+            parser.error(
+                f"`--grid {spec}` is not NAME=RATE,RATE with NAME one of "
+                f"{', '.join(grids)}: pass e.g. `--grid adam=1e-3,3e-3`."
+            )
+        grids[name] = tuple(float(rate) for rate in rates.split(","))
     train._force_devices(args.devices)
 
     from eqx_curv.experiments import study
@@ -110,7 +126,7 @@ def main(argv=None) -> None:
     for name in names:
         cache: dict = {}
         rows = []
-        for rate in GRIDS[name]:
+        for rate in grids[name]:
             record = study.train_optimizer(
                 name, problem, args, learning_rate=rate, checkpoint=False, cache=cache
             )

@@ -279,3 +279,21 @@ def test_batch_per_row_and_the_flag_for_every_row():
     text = table(results)
     assert "batch per row" in text
     assert "| adam | X() | 128 |" in text and "| gauss-newton | X() | 32 |" in text
+
+
+def test_cifar10_overrides_replace_the_digits_defaults_on_cifar10_alone():
+    from eqx_curv.experiments.study import make_optimizer
+    from eqx_curv.experiments.train import DEFAULTS, defaults, DEFAULTS_CIFAR10
+
+    assert DEFAULTS_CIFAR10, "the CIFAR-10 sweep chose other rates for some rows"
+    for name, (cls, kwargs) in DEFAULTS.items():
+        assert defaults(name, "digits") == (cls, kwargs)
+        assert defaults(name, "cifar10") == (
+            cls,
+            {**kwargs, **DEFAULTS_CIFAR10.get(name, {})},
+        )
+    name, changes = next(iter(DEFAULTS_CIFAR10.items()))
+    rate = changes["learning_rate"]
+    assert rate != DEFAULTS[name][1]["learning_rate"]
+    assert make_optimizer(name, "cifar10").learning_rate == rate
+    assert make_optimizer(name, "digits", learning_rate=0.5).learning_rate == 0.5

@@ -26,7 +26,7 @@ from .train import (
     batch_size,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SIZE,
-    DEFAULTS,
+    defaults,
     MODEL_SIZES,
     SCHEMA,
     SMOOTHING,
@@ -50,10 +50,12 @@ class Problem(NamedTuple):
     accuracy: Any  # jitted `accuracy(params, test)`
 
 
-def make_optimizer(name: str, **changes) -> eqx_curv.AbstractNetworkOptimizer:
-    """The optimizer `name` of `eqx-curv train`, with its default settings updated
-    by `changes` (e.g. a traced `learning_rate`)."""
-    cls, kwargs = DEFAULTS[name]
+def make_optimizer(
+    name: str, dataset: str, **changes
+) -> eqx_curv.AbstractNetworkOptimizer:
+    """The optimizer `name` of `eqx-curv train` with its default settings on `dataset`
+    (`train.defaults`), updated by `changes` (e.g. a traced `learning_rate`)."""
+    cls, kwargs = defaults(name, dataset)
     return getattr(eqx_curv, cls)(**{**kwargs, **changes})
 
 
@@ -158,9 +160,9 @@ def make_problem(args: argparse.Namespace) -> Problem:
     )
 
 
-def _programs(name: str, state_static, problem: Problem, batch: int):
-    """`run_chunk(params, state_arrays, data, key, start, learning_rate, length)`;
-    `state_static` completes the optimizer's state.
+def _programs(cls: str, kwargs: dict, state_static, problem: Problem, batch: int):
+    """`run_chunk(params, state_arrays, data, key, start, learning_rate, length)` for
+    the optimizer `eqx_curv.<cls>(**kwargs)`; `state_static` completes its state.
 
     The learning rate is an argument of the program (the optimizers' hyperparameters
     are PyTree leaves), so that a sweep over it compiles once."""
@@ -172,7 +174,7 @@ def _programs(name: str, state_static, problem: Problem, batch: int):
 
     def run_chunk(params, state_arrays, data, key, start, learning_rate, length):
         images, labels = data
-        opt = make_optimizer(name, learning_rate=learning_rate)
+        opt = getattr(eqx_curv, cls)(**{**kwargs, "learning_rate": learning_rate})
 
         def body(carry, step):
             params, arrays = carry
@@ -277,7 +279,7 @@ def train_optimizer(
     over learning rates does. Checkpoints are written after every chunk unless
     `checkpoint` is false.
     """
-    cls, kwargs = DEFAULTS[name]
+    cls, kwargs = defaults(name, args.dataset)
     if learning_rate is not None:
         kwargs = {**kwargs, "learning_rate": learning_rate}
     batch = batch_size(name, args.batch_size)
@@ -290,7 +292,8 @@ def train_optimizer(
     }
     params = problem.params
     state_arrays, state_static = eqx.partition(
-        make_optimizer(name).init(eqx.combine(params, problem.static)), eqx.is_array
+        getattr(eqx_curv, cls)(**kwargs).init(eqx.combine(params, problem.static)),
+        eqx.is_array,
     )
     state_arrays = _replicated(problem.mesh, state_arrays)
     directory = Path(args.out) / "checkpoints" / name
@@ -312,7 +315,7 @@ def train_optimizer(
         params, state_arrays = _replicated(problem.mesh, (params, state_arrays))
     cache = {} if cache is None else cache
     if "programs" not in cache:
-        cache["programs"] = _programs(name, state_static, problem, batch)
+        cache["programs"] = _programs(cls, kwargs, state_static, problem, batch)
     run_chunk = cache["programs"]
     rate = _replicated(problem.mesh, jnp.asarray(kwargs["learning_rate"], jnp.float32))
     step = progress["step"]
