@@ -324,9 +324,7 @@ def ridged_eigh_inverse_pth_root(
     matrix = jnp.where(finite_input, matrix, jnp.eye(matrix.shape[0], dtype=dtype))
     w, q = jnp.linalg.eigh(matrix)
     w_max = w[-1]
-    if not isinstance(ridge_epsilon, (int, float)):
-        ridge_epsilon = ridge_epsilon.astype(dtype)
-    ridged = jnp.maximum(w, 0) + ridge_epsilon * w_max
+    ridged = jnp.maximum(w, 0) + jnp.asarray(ridge_epsilon).astype(dtype) * w_max
     scale = jnp.where(ridged > 0, ridged, 1) ** (-1.0 / p)
     root = matmul(q * scale[None, :], q.T)
     valid = finite_input & (w_max > 0) & jnp.isfinite(root).all()
