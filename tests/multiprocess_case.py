@@ -33,7 +33,9 @@ model = eqx.nn.MLP(6, 6, 6, 2, key=jax.random.key(0))
 x = np.asarray(jax.random.normal(jax.random.key(1), (16, 6)))
 y = np.asarray(jax.random.randint(jax.random.key(2), (16,), 0, 6))
 loss = eqx_curv.SoftmaxCrossEntropy()
-opt = eqx_curv.KFAC(inverse_every=2)
+# The factors from the whole batch: a sub-batch would be each device's first
+# examples, another sample than one device's first examples (as in sharded_cases).
+opt = eqx_curv.KFAC(inverse_every=2, statistics_batch=1.0)
 rows = slice(8 * pid, 8 * pid + 8)
 gx = jax.make_array_from_process_local_data(sh, x[rows])
 gy = jax.make_array_from_process_local_data(sh, y[rows])
