@@ -83,6 +83,16 @@ def _chunk_fn(opt, static, inputs, labels, loss, batch):
     return chunk, full_loss
 
 
+def _start(opt, seed, inputs, labels, loss, batch):
+    """The MLP from `seed`, its optimizer state and its compiled chunk and loss."""
+    model = eqx.nn.MLP(
+        64, 10, 256, 2, jnp.tanh, key=jax.random.key(seed), dtype=jnp.float32
+    )
+    params, static = eqx.partition(model, eqx.is_array)
+    chunk, full_loss = _chunk_fn(opt, static, inputs, labels, loss, batch)
+    return params, opt.init(model), chunk, full_loss
+
+
 def run_digits(seeds: int, max_steps: int, batch: int = 128) -> None:
     inputs, labels = (jnp.asarray(a) for a in digits())
     loss = eqx_curv.SoftmaxCrossEntropy()
@@ -101,12 +111,9 @@ def run_digits(seeds: int, max_steps: int, batch: int = 128) -> None:
     for name, opt in _optimizers().items():
         steps_taken, seconds, finals = [], [], []
         for seed in range(seeds):
-            model = eqx.nn.MLP(
-                64, 10, 256, 2, jnp.tanh, key=jax.random.key(seed), dtype=jnp.float32
+            params, state, chunk, full_loss = _start(
+                opt, seed, inputs, labels, loss, batch
             )
-            params, static = eqx.partition(model, eqx.is_array)
-            chunk, full_loss = _chunk_fn(opt, static, inputs, labels, loss, batch)
-            state = opt.init(model)
             warm = chunk(params, state, jax.random.key(0))
             jax.block_until_ready(warm)
             float(full_loss(params))
@@ -227,12 +234,9 @@ def run_schedules(seeds: int, max_steps: int, batch: int = 128) -> None:
         hits = {t: [] for t in (1e-2, 1e-3, 1e-4)}
         largest = []
         for seed in range(seeds):
-            model = eqx.nn.MLP(
-                64, 10, 256, 2, jnp.tanh, key=jax.random.key(seed), dtype=jnp.float32
+            params, state, chunk, full_loss = _start(
+                opt, seed, inputs, labels, loss, batch
             )
-            params, static = eqx.partition(model, eqx.is_array)
-            chunk, full_loss = _chunk_fn(opt, static, inputs, labels, loss, batch)
-            state = opt.init(model)
             key = jax.random.fold_in(jax.random.key(1), seed)
             reached: dict[float, int] = {}
             after = []
