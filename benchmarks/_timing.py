@@ -19,3 +19,20 @@ def interleaved_medians(
             jax.block_until_ready(call())
             times[k].append(time.perf_counter() - start)
     return {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+
+def optax_adam_step(loss, static, tx):
+    """The anchor every benchmark times against: one `jax.value_and_grad` of the mean
+    loss of the batched model `eqx.combine(params, static)`, `tx.update` and
+    `optax.apply_updates`, as one function of `(params, state, x, y)`."""
+    import equinox as eqx
+    import optax
+
+    def adam_step(params, state, x, y):
+        value, g = jax.value_and_grad(
+            lambda p: loss(jax.vmap(eqx.combine(p, static))(x), y)
+        )(params)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    return adam_step

@@ -34,7 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import interleaved_medians
+from _timing import interleaved_medians, optax_adam_step
 
 import eqx_curv
 from eqx_curv._network_optimizers import base
@@ -130,13 +130,7 @@ def main():
     y = jax.random.randint(ky, (args.batch_size,), 0, 10)
 
     tx = optax.adam(1e-3)
-
-    def adam_step(params, state, x, y):
-        value, g = jax.value_and_grad(
-            lambda p: loss(jax.vmap(eqx.combine(p, static))(x), y)
-        )(params)
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state, value
+    adam_step = optax_adam_step(loss, static, tx)
 
     def our_step():
         # A new function for every guard: JAX caches traces by function, and the

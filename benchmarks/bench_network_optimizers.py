@@ -69,7 +69,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import interleaved_medians
+from _timing import interleaved_medians, optax_adam_step
 
 import eqx_curv
 from eqx_curv.experiments.tinyvit import TinyViT
@@ -437,14 +437,8 @@ def main():
             floors[floor], params, x, y, z, kstep, *extra.get(floor, ())
         )
 
-    def adam_step(params, state, x, y):
-        value, g = jax.value_and_grad(
-            lambda p: loss(jax.vmap(eqx.combine(p, static))(x), y)
-        )(params)
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state, value
-
     tx = optax.adam(1e-3)
+    adam_step = optax_adam_step(loss, static, tx)
     x, y = batches["full"]
     calls[("anchor", "optax.adam")] = _compiled(
         adam_step, params, tx.init(params), x, y

@@ -107,6 +107,12 @@ def _combine(alpha: Array, x: PyTree[Array], mu: Array, y: PyTree[Array]):
     )
 
 
+def _shrink_within(value: Array, bound: Array) -> Array:
+    """The factor that scales a step whose squared size is `value` to at most `bound`
+    (1 where it is already within; the step scales with its square root)."""
+    return jnp.where(value > bound, jnp.sqrt(bound / jnp.where(value > 0, value, 1)), 1)
+
+
 def _solve_2x2(a11, a12, a22, b1, b2):
     r"""$(\alpha, \mu)$ minimising $\frac12 [\alpha\ \mu] A [\alpha\ \mu]^\top +
     b_1\alpha + b_2\mu$ for a PSD $A$; along the first direction alone where the
@@ -472,9 +478,7 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
                 a, m = lr * alpha, lr * mu
                 kl = jnp.maximum(a * a * m11 + 2 * a * m * m12 + m * m * m22, 0) / 2
                 bound = cast_like(self.max_kl, damping)
-                shrink = jnp.where(
-                    kl > bound, jnp.sqrt(bound / jnp.where(kl > 0, kl, 1)), 1
-                )
+                shrink = _shrink_within(kl, bound)
             # The step's (alpha, mu) as the steps in between compute them, so that
             # they reuse them bitwise; and the K-FAC norm^2 of its alpha Delta part,
             # delta^T (F + lambda) delta = -alpha^2 g^T Delta, free: the steps in
@@ -499,20 +503,15 @@ class AbstractKFAC(AbstractNetworkOptimizer[_KFACStats, _KFACAux]):
             a = lr * alpha
             norm2 = -a * a * _dot(grads, delta, dtype)
 
-            def within(value, bound):
-                return jnp.where(
-                    value > bound, jnp.sqrt(bound / jnp.where(value > 0, value, 1)), 1
-                )
-
             # A trust region from the last model step: no larger a step, in the
             # K-FAC norm, than the one the exact model chose. Without it a batch
             # whose gradient is larger than the model step's (the norm grows with
             # the gradient squared at a fixed alpha) took a step the model would
             # have cut, and runs blew up once the loss was small (digits, 3 seeds).
-            shrink = within(norm2, stats.coefficients[2])
+            shrink = _shrink_within(norm2, stats.coefficients[2])
             if self.max_kl is not None:
                 bound = cast_like(self.max_kl, damping)
-                shrink = jnp.minimum(shrink, within(norm2 / 2, bound))
+                shrink = jnp.minimum(shrink, _shrink_within(norm2 / 2, bound))
             used = jnp.stack([shrink * alpha, jnp.zeros((), dtype), norm2])
             return used, stats.coefficients, jnp.full((), jnp.nan, dtype), shrink
 
